@@ -1,0 +1,394 @@
+"""The guarded decode loop: both models cached, rows batched, the expert verifying windows.
+
+Per window of ``k`` tokens:
+
+1. *Draft*: the base decodes ``k`` tokens one forward at a time, as if the gate stayed quiet.
+2. *Verify*: the expert scores the whole window in one forward of ``k`` tokens.
+3. *Replay*: the gate runs over the window's divergences, row by row in tensors. At the first
+   spike whose intervened token differs from the draft, the row keeps that token and drops the
+   rest of its draft: the dropped positions are masked out of both KV caches, and the new token
+   is fed to both models.
+
+With ``k=1`` this is step-by-step NGSD; any ``k`` gives the same tokens, spikes included.
+On text where the gate is quiet the expert's cost per token tends to ``1/k`` of a forward.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .config import GuardConfig
+from .constraints import TokenConstraint
+from .divergence import DIVERGENCES
+from .experts import Runner
+from .gate import hold, make_gate
+from .intervention import intervene
+from .judge import is_refusal
+from .records import FinishReason, StepRecord
+from .sampling import choose, is_greedy, uniforms
+
+_SENTENCE_ENDS = (".", "!", "?", "\n")
+
+Assess = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(B, H) hidden state at the last prompt token -> ((B,) alpha, (B,) initial potential)."""
+
+
+@dataclass
+class RowResult:
+    """What one row produced."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+
+
+class _Side:
+    """One model's decoding state: runner, KV cache, attention mask, next positions, logits."""
+
+    def __init__(self, runner: Runner, prompts: Sequence[Sequence[int]], pad_id: int) -> None:
+        self.runner = runner
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        self.cache = DynamicCache()
+        self.mask = mask
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        self.next_position = positions[:, -1] + 1
+        self.prefill_ids, self.prefill_positions = ids, positions
+
+    def prefill(self, hidden: bool = False) -> torch.Tensor | None:
+        logits, last_hidden = self.runner.forward(
+            self.prefill_ids,
+            self.mask,
+            self.prefill_positions,
+            self.cache,
+            hidden=hidden,
+            last_only=True,
+        )
+        self.logits = logits[:, -1]
+        return last_hidden
+
+    def feed(
+        self, tokens: torch.Tensor, visible: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Feed (B, T) tokens; ``visible`` (B,) False feeds a masked dummy. (B, T, V) logits."""
+        rows, count = tokens.shape
+        new_mask = torch.ones((rows, count), dtype=torch.long)
+        if visible is not None:
+            new_mask &= visible.long().unsqueeze(-1)
+        positions = self.next_position.unsqueeze(-1) + torch.arange(count)
+        self.mask = torch.cat([self.mask, new_mask], dim=-1)
+        logits, _ = self.runner.forward(
+            tokens, self.mask, positions, self.cache, last_only=last_only
+        )
+        self.next_position = self.next_position + new_mask.sum(-1)
+        return logits
+
+    def drop_tail(self, row: int, count: int) -> None:
+        """Hide the last ``count`` fed tokens of ``row`` from every later query."""
+        self.mask[row, self.mask.shape[1] - count :] = 0
+        self.next_position[row] -= count
+
+
+class _Text:
+    """Incremental detokenisation of one row, with stop strings that may span tokens."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.emitted = ""
+        self.refusal_from: int | None = None
+
+    def advance(self, ids: Sequence[int], final: bool) -> tuple[str, bool]:
+        """(text delta, hit a stop string) after ``ids``; holds back partial stop strings."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            return self._emit(text[:cut]), True
+        if not final:
+            text = text[: len(text) - self._held_back(text)]
+        return self._emit(text), False
+
+    def _held_back(self, text: str) -> int:
+        if text.endswith("\ufffd"):
+            return 1
+        return max(
+            (
+                n
+                for s in self.stop
+                for n in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:n])
+            ),
+            default=0,
+        )
+
+    def _emit(self, text: str) -> str:
+        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else text
+        self.emitted = text
+        return delta
+
+    def early_stop_cut(self, tokens: int, after: int | None) -> int | None:
+        """Where to end once a refusal is established past ``after`` tokens: a sentence end."""
+        if after is None or tokens < after:
+            return None
+        if self.refusal_from is None:
+            if is_refusal(self.emitted):
+                self.refusal_from = len(self.emitted)
+            return None
+        tail = self.emitted[self.refusal_from :]
+        ends = [tail.find(c) for c in _SENTENCE_ENDS if tail.find(c) >= 0]
+        return self.refusal_from + min(ends) + 1 if ends else None
+
+
+@torch.no_grad()
+def decode(
+    *,
+    base: Runner,
+    expert: Runner | None,
+    base_prompts: Sequence[Sequence[int]],
+    expert_prompts: Sequence[Sequence[int]],
+    config: GuardConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    eos_ids: Sequence[int],
+    assess: Assess,
+    constraints: Sequence[TokenConstraint | None],
+    cancel: threading.Event,
+    want_hidden: bool,
+) -> Generator[StepRecord, None, list[RowResult]]:
+    """Yield one StepRecord per generated token (per row, in order); return the rows."""
+    decoding = config.decoding
+    rows = len(base_prompts)
+    device = base.out_device
+    pad_id = eos_ids[0]
+    eos = torch.tensor(list(eos_ids), device=device)
+
+    base_side = _Side(base, base_prompts, pad_id)
+    hidden = base_side.prefill(hidden=want_hidden)
+    alpha, potential = assess(hidden if hidden is not None else torch.zeros(rows, 0))
+    alpha_values = alpha.tolist()
+    alpha = alpha.to(device, torch.float32)
+    expert_side = None
+    if expert is not None:
+        expert_side = _Side(expert, expert_prompts, pad_id)
+        expert_side.prefill()
+    divergence_fn = DIVERGENCES[config.divergence]
+    gate = make_gate(config.gate)
+    state = gate.initial_state(rows, device, potential.to(device))
+    window = config.window if expert is not None else 1
+    u = uniforms(rows, decoding.max_new_tokens + window, decoding.seed)
+
+    results = [RowResult() for _ in range(rows)]
+    texts = [_Text(tokenizer, decoding.stop) for _ in range(rows)]
+    finished = [False] * rows
+    while not all(finished):
+        if cancel.is_set():
+            for row in range(rows):
+                if not finished[row]:
+                    finished[row] = True
+                    results[row].finish_reason = "cancelled"
+            break
+        counts = torch.tensor([len(r.token_ids) for r in results])
+        left = max(
+            decoding.max_new_tokens - len(r.token_ids)
+            for r, f in zip(results, finished, strict=True)
+            if not f
+        )
+        k = min(window, left)
+        done = torch.tensor(finished, device=device)
+
+        # 1. Draft: k base steps, as if the gate stayed quiet.
+        drafts, p_bases, allowed = [], [], []
+        drafting = ~done
+        for i in range(k):
+            logits = base_side.logits
+            masks = _allowed(constraints, results, drafts, drafting, eos_ids, logits.shape[-1])
+            if masks is not None:
+                logits = logits.masked_fill(~masks, float("-inf"))
+            p_base = torch.softmax(logits, dim=-1)
+            if is_greedy(decoding):
+                token = logits.argmax(-1)
+            else:
+                token = choose(p_base, _at(u, counts + i), decoding)
+            token = torch.where(drafting, token, torch.full_like(token, pad_id))
+            drafts.append(token)
+            p_bases.append(p_base)
+            allowed.append(masks)
+            drafting = drafting & ~torch.isin(token, eos)
+            base_side.logits = base_side.feed(token.unsqueeze(-1), last_only=True)[:, -1]
+            if not bool(drafting.any()):
+                k = i + 1
+                break
+        draft = torch.stack(drafts, dim=1)  # (B, k)
+
+        # 2. Verify: the expert scores the window in one forward.
+        if expert_side is not None:
+            expert_logits = expert_side.feed(draft)  # (B, k, V)
+            p_experts_logits = [expert_side.logits, *expert_logits[:, :-1].unbind(1)]
+            expert_side.logits = expert_logits[:, -1]
+
+        # 3. Replay the gate over the window, all rows at once.
+        alive = ~done
+        chosen, diverged, potentials, spikes, divergences, accepted = [], [], [], [], [], []
+        for i in range(k):
+            x = draft[:, i]
+            if expert_side is None:
+                d = torch.zeros(rows, device=device)
+                v = state_potential(state)
+                spiked = torch.zeros(rows, dtype=torch.bool, device=device)
+                y = x
+            else:
+                e_logits = p_experts_logits[i]
+                if allowed[i] is not None:
+                    e_logits = e_logits.masked_fill(~allowed[i], float("-inf"))
+                p_expert = torch.softmax(e_logits, dim=-1)
+                d = divergence_fn(p_bases[i], p_expert)
+                new_state, v, spiked = gate.step(state, d)
+                state = hold(alive, new_state, state)
+                mixed = intervene(p_bases[i], p_expert, alpha, config.intervention.top_k)
+                y = torch.where(spiked, choose(mixed, _at(u, counts + i), decoding), x)
+            accepted.append(alive)
+            chosen.append(y)
+            diverged.append(alive & (y != x))
+            potentials.append(v)
+            spikes.append(spiked & alive)
+            divergences.append(d)
+            alive = alive & (y == x) & ~torch.isin(y, eos)
+
+        # One transfer for the whole window.
+        table = [
+            t.tolist()
+            for t in (
+                torch.stack(accepted, 1),
+                draft,
+                torch.stack(chosen, 1),
+                torch.stack(diverged, 1),
+                torch.stack(spikes, 1),
+                torch.stack(potentials, 1).float(),
+                torch.stack(divergences, 1).float(),
+            )
+        ]
+        acc_t, draft_t, chosen_t, div_t, spike_t, pot_t, d_t = table
+        rollback: dict[int, tuple[int, int]] = {}
+        for row in range(rows):
+            for i in range(k):
+                if not acc_t[row][i] or finished[row]:
+                    break
+                token = chosen_t[row][i]
+                result = results[row]
+                result.token_ids.append(token)
+                n = len(result.token_ids)
+                reason: FinishReason | None = None
+                constraint = constraints[row]
+                if token in eos_ids or (
+                    constraint is not None and constraint.is_complete(result.token_ids)
+                ):
+                    reason = "stop"
+                elif n >= decoding.max_new_tokens:
+                    reason = "length"
+                delta, hit_stop = texts[row].advance(result.token_ids, final=reason is not None)
+                if hit_stop:
+                    reason = "stop"
+                cut = texts[row].early_stop_cut(n, decoding.early_stop_after)
+                if cut is not None and reason is None:
+                    delta = delta[: max(0, len(delta) - (len(texts[row].emitted) - cut))]
+                    texts[row].emitted = texts[row].emitted[:cut]
+                    reason = "stop"
+                if reason is not None:
+                    finished[row] = True
+                    result.finish_reason = reason
+                    result.text = texts[row].emitted
+                if div_t[row][i] and reason is None:
+                    rollback[row] = (k - i, token)
+                yield StepRecord(
+                    row=row,
+                    step=n - 1,
+                    token_id=token,
+                    text=delta,
+                    divergence=d_t[row][i],
+                    potential=pot_t[row][i],
+                    spiked=spike_t[row][i],
+                    alpha=alpha_values[row],
+                    base_token_id=draft_t[row][i],
+                    chosen_token_id=token,
+                    intervened=bool(div_t[row][i]),
+                    finish_reason=reason,
+                )
+        if rollback and not all(finished):
+            _roll_back(rollback, rows, pad_id, base_side, expert_side)
+
+    for row, result in enumerate(results):
+        if result.finish_reason is None:
+            result.finish_reason = "length"
+        result.text = texts[row].emitted
+    return results
+
+
+def state_potential(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return next(iter(state.values()))
+
+
+def _roll_back(
+    rollback: dict[int, tuple[int, int]],
+    rows: int,
+    pad_id: int,
+    base_side: _Side,
+    expert_side: _Side | None,
+) -> None:
+    """Drop each rejected row's draft tail and feed its intervened token to both models."""
+    tokens = torch.full((rows, 1), pad_id, dtype=torch.long)
+    visible = torch.zeros(rows, dtype=torch.bool)
+    for row, (dropped, token) in rollback.items():
+        tokens[row, 0] = token
+        visible[row] = True
+        for side in (base_side, expert_side):
+            if side is not None:
+                side.drop_tail(row, dropped)
+    for side in (base_side, expert_side):
+        if side is not None:
+            logits = side.feed(tokens, visible, last_only=True)[:, -1]
+            side.logits = torch.where(visible.to(logits.device).unsqueeze(-1), logits, side.logits)
+
+
+def _at(u: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Each row's uniform at its own token index: (B, N), (B,) -> (B,)."""
+    return u.gather(1, index.clamp_max(u.shape[1] - 1).unsqueeze(-1)).squeeze(-1)
+
+
+def _allowed(
+    constraints: Sequence[TokenConstraint | None],
+    results: Sequence[RowResult],
+    drafts: Sequence[torch.Tensor],
+    drafting: torch.Tensor,
+    eos_ids: Sequence[int],
+    vocab: int,
+) -> torch.Tensor | None:
+    """(B, V) bool mask of the tokens each row's constraint allows next, or None.
+
+    A row whose constraint is complete may only end (EOS).
+    """
+    if all(c is None for c in constraints):
+        return None
+    device = drafting.device
+    masks = torch.ones((len(constraints), vocab), dtype=torch.bool, device=device)
+    drafted = torch.stack(drafts, 1).tolist() if drafts else [[] for _ in constraints]
+    active = drafting.tolist()
+    for row, constraint in enumerate(constraints):
+        if constraint is None or not active[row]:
+            continue
+        prefix = [*results[row].token_ids, *drafted[row]]
+        if constraint.is_complete(prefix):
+            masks[row] = False
+            masks[row, list(eos_ids)] = True
+            continue
+        allowed = constraint.allowed_tokens(prefix)
+        if allowed is not None:
+            masks[row] = allowed[:vocab].to(device)
+    return masks
