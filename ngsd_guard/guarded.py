@@ -69,8 +69,8 @@ class GuardedLM:
         self.config = config or GuardConfig()
         self.alpha_policy = alpha_policy
         self.model_name = model_name or getattr(model.config, "name_or_path", "") or "model"
-        self._handle = expert.runner.handle if expert and expert.kind == "lora" else None
-        self._handle = self._handle or ModelHandle(model)
+        same_model = expert is not None and expert.kind in ("lora", "prompted")
+        self._handle = expert.runner.handle if same_model else ModelHandle(model)
         vocab = min(shared_vocab_size(tokenizer), model.config.vocab_size)
         if expert is not None:
             vocab = min(vocab, expert.runner.vocab_size)
@@ -114,7 +114,7 @@ class GuardedLM:
         path = resolve(base)
         tokenizer = load_tokenizer(path, gguf_file=gguf_file)
         model = load_model(path, device=base_device, dtype=base_dtype, gguf_file=gguf_file)
-        vocab = min(len(tokenizer), model.config.vocab_size)
+        expert_model = expert_tokenizer = None
         if adapter is not None:
             from peft import PeftModel
 
@@ -125,32 +125,59 @@ class GuardedLM:
                     "(no adapter_config.json); train one with `ngsd-guard train-expert`"
                 )
             model = PeftModel.from_pretrained(model, adapter_path).eval()
-            handle = ModelHandle(model)
-            spec = Expert(Runner(handle, True, vocab, base_device), "lora")
         elif expert is not None:
             expert_path = resolve(expert, "expert")
             expert_tokenizer = load_tokenizer(expert_path)
-            vocab = min(vocab, shared_vocab_size(tokenizer, expert_tokenizer))
+            shared_vocab_size(tokenizer, expert_tokenizer)
             ex_device = resolve_device(expert_device) if expert_device else base_device
             expert_model = load_model(
                 expert_path, device=ex_device, dtype=resolve_dtype(dtype, ex_device)
             )
-            vocab = min(vocab, expert_model.config.vocab_size)
-            spec = Expert(Runner(ModelHandle(expert_model), None, vocab, base_device), "model")
+        return cls.from_models(
+            model,
+            tokenizer,
+            expert=expert_model,
+            expert_tokenizer=expert_tokenizer,
+            safety_prompt=safety_prompt,
+            config=config,
+            alpha_policy=alpha_policy,
+            model_name=Path(str(base)).name,
+        )
+
+    @classmethod
+    def from_models(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        expert: PreTrainedModel | None = None,
+        expert_tokenizer: PreTrainedTokenizerBase | None = None,
+        safety_prompt: str | None = None,
+        config: GuardConfig | None = None,
+        alpha_policy: AlphaPolicy | None = None,
+        model_name: str | None = None,
+    ) -> GuardedLM:
+        """Guard models already in memory. A peft ``model`` makes its adapter the expert
+        (kind ``lora``); else ``expert`` is a separate model (kind ``model``); else the base
+        under ``safety_prompt`` (kind ``prompted``)."""
+        handle = ModelHandle(model)
+        vocab = min(shared_vocab_size(tokenizer, expert_tokenizer), model.config.vocab_size)
+        if hasattr(model, "peft_config"):
+            spec = Expert(Runner(handle, True, vocab, handle.device), "lora")
+        elif expert is not None:
+            vocab = min(vocab, expert.config.vocab_size)
+            spec = Expert(Runner(ModelHandle(expert), None, vocab, handle.device), "model")
         else:
-            spec = None
-        lm = cls(
+            runner = Runner(handle, None, vocab, handle.device)
+            spec = Expert(runner, "prompted", safety_prompt or SAFETY_PROMPT)
+        return cls(
             model,
             tokenizer,
             expert=spec,
             config=config,
             alpha_policy=alpha_policy,
-            model_name=Path(str(base)).name,
+            model_name=model_name,
         )
-        if spec is None:
-            prompted = Runner(lm._handle, None, lm._base.vocab_size, base_device)
-            lm._expert = Expert(prompted, "prompted", safety_prompt or SAFETY_PROMPT)
-        return lm
 
     @classmethod
     def from_default(

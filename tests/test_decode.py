@@ -1,0 +1,310 @@
+"""The decode loop against an independent, uncached, step-by-step NGSD written here."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from ngsd_guard import GateConfig, GuardConfig, GuardedLM, InterventionConfig
+from ngsd_guard.gate import never_fires
+
+PROMPTS = ["Tell me a story about a dragon.", "Hi", "What is the capital of France, please?"]
+
+
+def guarded(base, tokenizer, expert=None, **config) -> GuardedLM:
+    return GuardedLM.from_models(base, tokenizer, expert=expert, config=GuardConfig(**config))
+
+
+@torch.no_grad()
+def reference_ngsd(
+    base_logits,
+    expert_logits,
+    base_ids,
+    expert_ids,
+    *,
+    tau,
+    threshold,
+    alpha,
+    top_k,
+    max_new,
+    eos=2,
+):
+    """Greedy NGSD, recomputing both full sequences every token (the paper's way)."""
+    generated, spikes, v = [], [], 0.0
+    for _ in range(max_new):
+        p_b = torch.softmax(base_logits(base_ids + generated), -1)
+        p_e = torch.softmax(expert_logits(expert_ids + generated), -1)
+        d = 0.5 * (p_b - p_e).abs().sum().item()
+        v = (1 - 1 / tau) * v + d
+        spiked = v >= threshold
+        if spiked:
+            v = 0.6 * v
+            union = set(p_b.topk(top_k).indices.tolist()) | set(p_e.topk(top_k).indices.tolist())
+            mixed = p_b + alpha * (p_e - p_b)
+            token = max(union, key=lambda i: mixed[i].item())
+        else:
+            token = int(p_b.argmax())
+        generated.append(token)
+        spikes.append(spiked)
+        if token == eos:
+            break
+    return generated, spikes
+
+
+def full_logits(model):
+    return lambda ids: model(torch.tensor([ids])).logits[0, -1, :].float()
+
+
+def test_gate_that_never_fires_is_model_generate(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=float("inf")))
+    assert never_fires(lm.config.gate)
+    for prompt in PROMPTS:
+        ids = tokenizer(lm.render(prompt), return_tensors="pt", add_special_tokens=False)
+        expected = tiny_base.generate(**ids, max_new_tokens=20, do_sample=False)
+        got = lm.generate(prompt, max_new_tokens=20)
+        assert got.token_ids == expected[0, ids["input_ids"].shape[1] :].tolist()
+        assert got.summary.spikes == 0 and got.summary.mean_divergence > 0
+
+
+def test_gate_that_never_fires_is_model_generate_batched(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=float("inf")))
+    texts = [lm.render(p) for p in PROMPTS]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    expected = tiny_base.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=2)
+    expected = expected[:, batch["input_ids"].shape[1] :].tolist()
+    results = lm.generate_batch(PROMPTS, max_new_tokens=12)
+    for row, result in enumerate(results):
+        tokens = expected[row]
+        if 2 in tokens:
+            tokens = tokens[: tokens.index(2) + 1]
+        assert result.token_ids == tokens
+
+
+@pytest.mark.parametrize("window", [1, 8])
+def test_matches_uncached_step_by_step_ngsd(tiny_base, tiny_expert, tokenizer, window):
+    lm = guarded(
+        tiny_base,
+        tokenizer,
+        tiny_expert,
+        gate=GateConfig(tau=4, threshold=1.5),
+        intervention=InterventionConfig(alpha=0.7),
+        window=window,
+    )
+    for prompt in PROMPTS:
+        ids = tokenizer(lm.render(prompt), add_special_tokens=False)["input_ids"]
+        tokens, spikes = reference_ngsd(
+            full_logits(tiny_base),
+            full_logits(tiny_expert),
+            ids,
+            ids,
+            tau=4,
+            threshold=1.5,
+            alpha=0.7,
+            top_k=64,
+            max_new=24,
+        )
+        got = lm.generate(prompt, max_new_tokens=24)
+        assert got.token_ids == tokens
+        assert [r.spiked for r in got.records] == spikes
+    assert sum(spikes) > 0
+
+
+def test_interventions_happen_and_windows_agree(tiny_base, tiny_expert, tokenizer):
+    runs = {}
+    for window in (1, 3, 8):
+        lm = guarded(
+            tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=0.8), window=window
+        )
+        runs[window] = lm.generate_batch(PROMPTS, max_new_tokens=30)
+    assert sum(g.summary.intervened for g in runs[1]) > 0
+    for window in (3, 8):
+        for a, b in zip(runs[1], runs[window], strict=True):
+            assert a.token_ids == b.token_ids
+            assert [r.spiked for r in a.records] == [r.spiked for r in b.records]
+            assert [r.intervened for r in a.records] == [r.intervened for r in b.records]
+
+
+def test_alpha_one_always_firing_is_expert_greedy_on_the_union(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(
+        tiny_base,
+        tokenizer,
+        tiny_expert,
+        gate=GateConfig(threshold=0.0),
+        intervention=InterventionConfig(alpha=1.0),
+    )
+    got = lm.generate(PROMPTS[0], max_new_tokens=16)
+    ids = tokenizer(lm.render(PROMPTS[0]), add_special_tokens=False)["input_ids"]
+    expert = full_logits(tiny_expert)
+    prefix = list(ids)
+    for token in got.token_ids:
+        assert token == int(expert(prefix).argmax())  # top-1 of p_e is always in the union
+        prefix.append(token)
+    assert all(r.spiked for r in got.records)
+
+
+def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
+    import copy
+
+    base = copy.deepcopy(tiny_base)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
+    lm = GuardedLM.from_models(
+        peft_model, tokenizer, config=GuardConfig(gate=GateConfig(tau=4, threshold=0.5))
+    )
+    assert lm.expert_kind == "lora"
+    got = lm.generate(PROMPTS[0], max_new_tokens=16)
+    ids = tokenizer(lm.render(PROMPTS[0]), add_special_tokens=False)["input_ids"]
+
+    def with_adapter(enabled):
+        def logits(seq):
+            if enabled:
+                return full_logits(peft_model)(seq)
+            with peft_model.disable_adapter():
+                return full_logits(peft_model)(seq)
+
+        return logits
+
+    tokens, spikes = reference_ngsd(
+        with_adapter(False),
+        with_adapter(True),
+        ids,
+        ids,
+        tau=4,
+        threshold=0.5,
+        alpha=0.9,
+        top_k=64,
+        max_new=16,
+    )
+    assert got.token_ids == tokens and [r.spiked for r in got.records] == spikes
+    assert got.summary.mean_divergence > 0
+
+
+def test_prompted_expert_sees_the_safety_prompt(tiny_base, tokenizer):
+    lm = GuardedLM.from_models(tiny_base, tokenizer)
+    assert lm.expert_kind == "prompted"
+    run = lm._run(["hello"])
+    assert len(run.expert_ids[0]) > len(run.base_ids[0]) + 20
+    assert lm.generate("hello", max_new_tokens=5).summary.tokens == 5
+
+
+def test_batched_rows_equal_single_runs(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=0.8))
+    batch = lm.generate_batch(PROMPTS, max_new_tokens=20)
+    for prompt, result in zip(PROMPTS, batch, strict=True):
+        single = lm.generate(prompt, max_new_tokens=20)
+        assert single.token_ids == result.token_ids
+        assert single.text == result.text
+
+
+def test_stream_concatenates_to_generate(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=0.8))
+    stream = lm.stream(PROMPTS[0], max_new_tokens=25)
+    records = list(stream)
+    assert "".join(r.text for r in records) == stream.generation.text
+    assert stream.generation.text == lm.generate(PROMPTS[0], max_new_tokens=25).text
+    assert [r.step for r in records] == list(range(len(records)))
+    assert records[-1].finish_reason in {"stop", "length"}
+
+
+def test_seeded_sampling_is_reproducible_and_window_independent(tiny_base, tiny_expert, tokenizer):
+    outs = []
+    for window in (1, 8):
+        lm = guarded(
+            tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=0.8), window=window
+        )
+        options = dict(max_new_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=7)
+        outs.append(lm.generate(PROMPTS[0], **options).token_ids)
+        outs.append(lm.generate(PROMPTS[0], **options).token_ids)
+    assert outs[0] == outs[1] == outs[2] == outs[3]
+    other = lm.generate(PROMPTS[0], max_new_tokens=20, temperature=0.9, seed=8).token_ids
+    assert other != outs[0]
+
+
+def test_stop_string_spanning_tokens(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=float("inf")))
+    full = lm.generate(PROMPTS[0], max_new_tokens=30)
+    tokens = full.token_ids
+    # a stop string made of the text of tokens 5 and 6 (two tokens)
+    stop = tokenizer.decode(tokens[5:7])
+    assert len(stop) > 1
+    cut = lm.generate(PROMPTS[0], max_new_tokens=30, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert stop not in "".join(r.text for r in cut.records)
+
+
+def test_listeners_receive_gate_events(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=0.8))
+    events, objects = [], []
+
+    class Handler:
+        def on_gate(self, event):
+            objects.append(event)
+
+    result = lm.generate(PROMPTS[0], max_new_tokens=20, listeners=[events.append, Handler()])
+    assert events and events == objects
+    assert [e.step for e in events] == [r.step for r in result.records if r.spiked]
+    assert len(result.gate_events) == result.summary.spikes == len(events)
+
+
+def test_concurrent_threads_equal_sequential(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=0.8))
+    prompts = [f"Question number {i}: why?" for i in range(8)]
+    sequential = [lm.generate(p, max_new_tokens=16).token_ids for p in prompts]
+    concurrent: list[list[int] | None] = [None] * 8
+
+    def work(i):
+        concurrent[i] = lm.generate(prompts[i], max_new_tokens=16).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert concurrent == sequential
+
+
+async def test_astream_keeps_the_loop_running(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(tiny_base, tokenizer, tiny_expert)
+    ticks = 0
+
+    async def heartbeat():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    beat = asyncio.create_task(heartbeat())
+    stream = lm.astream(PROMPTS[0], max_new_tokens=40)
+    seen = [record async for record in stream]
+    beat.cancel()
+    assert len(seen) == stream.generation.summary.tokens
+    assert ticks > 5
+    assert (await lm.agenerate(PROMPTS[0], max_new_tokens=40)).token_ids == [
+        r.token_id for r in seen
+    ]
+
+
+async def test_cancelling_astream_stops_generation(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=float("inf")))
+    stream = lm.astream(PROMPTS[0], max_new_tokens=200, stop=["\x00never"])
+    first = await stream.__anext__()
+    await stream.aclose()
+    assert first.step == 0
+    assert stream._stream._run.cancel.is_set()
+    # the instance stays usable
+    assert lm.generate(PROMPTS[0], max_new_tokens=3).summary.tokens == 3
+
+
+def test_closing_a_sync_stream_cancels(tiny_base, tiny_expert, tokenizer):
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=float("inf")))
+    stream = lm.stream(PROMPTS[0], max_new_tokens=200)
+    next(iter(stream))
+    stream.close()
+    assert lm.generate(PROMPTS[0], max_new_tokens=4).summary.tokens == 4
