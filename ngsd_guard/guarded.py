@@ -109,21 +109,21 @@ class GuardedLM:
         """
         if expert is not None and adapter is not None:
             raise ConfigError("pass either `expert` (a model) or `adapter` (a LoRA), not both")
+        adapter_path = Path(adapter).expanduser() if adapter is not None else None
+        if adapter_path is not None and not (adapter_path / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"`adapter` (={str(adapter)!r}) is not a peft adapter directory "
+                "(no adapter_config.json); train one with `ngsd-guard train-expert`"
+            )
         base_device = resolve_device(device)
         base_dtype = resolve_dtype(dtype, base_device)
         path = resolve(base)
         tokenizer = load_tokenizer(path, gguf_file=gguf_file)
         model = load_model(path, device=base_device, dtype=base_dtype, gguf_file=gguf_file)
         expert_model = expert_tokenizer = None
-        if adapter is not None:
+        if adapter_path is not None:
             from peft import PeftModel
 
-            adapter_path = Path(adapter).expanduser()
-            if not (adapter_path / "adapter_config.json").is_file():
-                raise ModelNotFoundError(
-                    f"`adapter` (={str(adapter)!r}) is not a peft adapter directory "
-                    "(no adapter_config.json); train one with `ngsd-guard train-expert`"
-                )
             model = PeftModel.from_pretrained(model, adapter_path).eval()
         elif expert is not None:
             expert_path = resolve(expert, "expert")

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real tokenizer, tiny random models built from a config, the default model."""
+"""Shared fixtures: the real tokenizer, tiny random models, the default model."""
 
 from __future__ import annotations
 
