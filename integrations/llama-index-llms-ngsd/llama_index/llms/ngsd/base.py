@@ -1,0 +1,515 @@
+"""`NGSD`: ngsd-guard's guarded decoding as a LlamaIndex `FunctionCallingLLM`.
+
+One code path: every call becomes a `_Request` (what the engine decodes and with which
+options), `_steps`/`_asteps` turn the engine's `StepRecord`s into `_Chunk`s, sending a
+`NGSDGateEvent` for every trigger, and the public methods wrap chunks into LlamaIndex's
+response types. Non-streaming calls return the last chunk of the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+    TextBlock,
+    ToolCallBlock,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.span import active_span_id
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
+
+from ngsd_guard import GateEvent, Generation, GuardConfig, GuardedLM, StepRecord
+
+from .events import NGSDGateEvent
+from .messages import to_chat_messages, tool_call_block, tool_schema
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+dispatcher = get_dispatcher(__name__)
+
+# LlamaIndex keyword -> `GuardedLM.stream` keyword.
+ENGINE_OPTIONS: dict[str, str] = {
+    "max_tokens": "max_new_tokens",
+    "max_new_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+    "stop": "stop",
+    "alpha": "alpha",
+}
+
+
+def engine_options(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine keywords of one call: ``overrides`` (per-call) over ``defaults`` (fields).
+
+    ``None`` means "not set here". A bare ``stop`` string becomes a one-item list. Unknown
+    keywords raise `TypeError` rather than being silently ignored.
+    """
+    options: dict[str, Any] = {}
+    for source in (defaults, overrides):
+        for key, value in source.items():
+            if key not in ENGINE_OPTIONS:
+                raise TypeError(
+                    f"NGSD got an unexpected keyword argument {key!r}; per-call options are "
+                    f"{', '.join(sorted(ENGINE_OPTIONS))}, plus tools and tool_choice"
+                )
+            if value is not None:
+                options[ENGINE_OPTIONS[key]] = value
+    if isinstance(options.get("stop"), str):
+        options["stop"] = [options["stop"]]
+    return options
+
+
+@dataclass
+class _Request:
+    """One engine call: the prompt (HF messages, or a formatted string), its keywords, and
+    the span it belongs to (captured when the LlamaIndex call started)."""
+
+    prompt: str | list[dict[str, Any]]
+    options: dict[str, Any]
+    span_id: str | None
+    parse_tools: bool = False
+
+
+@dataclass
+class _Chunk:
+    text: str
+    delta: str
+    raw: dict[str, Any]
+    additional_kwargs: dict[str, Any]
+    tool_calls: list[ToolCallBlock] = field(default_factory=list)
+
+
+class NGSD(FunctionCallingLLM):
+    """Safety-aware generation with Neuron-Guided Safe Decoding, for LlamaIndex.
+
+    A base model and a safety expert decode side by side; a leaky integrate-and-fire neuron
+    over their divergence decides when the expert is mixed into the next token. Every
+    trigger is sent as a `NGSDGateEvent` through LlamaIndex instrumentation; each streamed
+    response carries its gate records in ``raw`` and ``additional_kwargs``, and the last one
+    the generation's summary.
+
+    ``NGSD()`` loads the embedded default model (SmolLM2-135M-Instruct) on first use;
+    ``NGSD(guarded=GuardedLM.from_pretrained(...))`` uses a model you loaded. Fields left at
+    ``None`` fall back to the engine's `GuardConfig`; per-call keywords (``max_tokens``,
+    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``alpha``) override both.
+
+    >>> from llama_index.core import Settings
+    >>> from llama_index.llms.ngsd import NGSD
+    >>> Settings.llm = NGSD(max_new_tokens=128)
+    >>> print(Settings.llm.complete("How do I pick a lock?"))  # doctest: +SKIP
+    """
+
+    model: str = Field(
+        default="default",
+        description="'default' (the embedded SmolLM2-135M-Instruct), a local model directory, "
+        "or a hub id already in the local cache; ignored when `guarded` is passed",
+    )
+    expert: str | None = Field(
+        default="default",
+        description="with model='default': 'default' (the shipped expert) or 'prompted'; "
+        "otherwise a separate expert model sharing the tokenizer, or None",
+    )
+    adapter: str | None = Field(
+        default=None, description="a peft LoRA directory on the base, used as the expert"
+    )
+    device: str | None = Field(default=None, description="'cpu', 'cuda', 'mps'; None picks one")
+    config: GuardConfig | None = Field(
+        default=None, description="gate, intervention and decoding settings of the engine"
+    )
+    max_new_tokens: int | None = Field(default=None, gt=0, description="output token budget")
+    temperature: float | None = Field(default=None, ge=0, description="0 is greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, description="0 disables top-k filtering")
+    seed: int | None = Field(default=None, description="sampling seed")
+    stop: list[str] | None = Field(default=None, description="stop strings, cut from the text")
+    alpha: float | None = Field(
+        default=None, ge=0, le=1, description="expert weight at a trigger, in [0, 1]"
+    )
+
+    _guarded: GuardedLM | None = PrivateAttr(default=None)
+    _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def __init__(self, guarded: GuardedLM | None = None, **kwargs: Any) -> None:
+        messages_to_prompt = kwargs.pop("messages_to_prompt", None)
+        super().__init__(**kwargs)
+        self._guarded = guarded
+        # The default renders through the tokenizer's chat template (see `_render`).
+        self.messages_to_prompt = messages_to_prompt or self._render
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "NGSD"
+
+    # -- the model -----------------------------------------------------------------------
+
+    @property
+    def guarded(self) -> GuardedLM:
+        """The engine, loaded on first use (thread-safe)."""
+        if self._guarded is None:
+            with self._load_lock:
+                if self._guarded is None:
+                    self._guarded = self._load()
+        return self._guarded
+
+    def _load(self) -> GuardedLM:
+        if self.model == "default":
+            return GuardedLM.from_default(
+                expert=self.expert or "default", device=self.device, config=self.config
+            )
+        return GuardedLM.from_pretrained(
+            self.model,
+            expert=self.expert,
+            adapter=self.adapter,
+            device=self.device,
+            config=self.config,
+        )
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        guarded = self.guarded
+        return LLMMetadata(
+            context_window=guarded.context_window,
+            num_output=self.max_new_tokens or guarded.config.decoding.max_new_tokens,
+            is_chat_model=True,
+            is_function_calling_model=True,
+            model_name=guarded.model_name,
+        )
+
+    def to_payload(self) -> dict[str, Any]:
+        # Sent with every LLM start event: describe the model without loading it.
+        if self._guarded is None:
+            return {"class_name": self.class_name(), "model": self.model, "expert": self.expert}
+        return super().to_payload()
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def _render(self, messages: Sequence[ChatMessage]) -> str:
+        """The default `messages_to_prompt`: the tokenizer's chat template, via the engine."""
+        return self.guarded.render(self._to_chat(messages))
+
+    def _to_chat(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+        # Templates that ignore `tool_calls` (ChatML) get the calls written into the text.
+        template = self.guarded.tokenizer.chat_template or ""
+        return to_chat_messages(messages, inline_tool_calls="tool_calls" not in template)
+
+    def _chat_request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Request:
+        tools = kwargs.pop("tools", None) or None
+        tool_choice = kwargs.pop("tool_choice", None)
+        options = engine_options(self._defaults(), kwargs)
+        if self.messages_to_prompt != self._render:
+            if tools:
+                raise ValueError(
+                    "tools need the chat template; NGSD with a custom `messages_to_prompt` "
+                    "cannot call tools"
+                )
+            prompt: str | list[dict[str, Any]] = self.messages_to_prompt(messages)
+            options["raw"] = True
+        else:
+            prompt = self._to_chat(messages)
+        if tools:
+            options["tools"] = tools
+            constraint = self._tool_constraint(tools, tool_choice)
+            if constraint is not None:
+                options["constraint"] = constraint
+        return _Request(prompt, options, active_span_id.get(), parse_tools=bool(tools))
+
+    def _completion_request(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> _Request:
+        if formatted or self.completion_to_prompt is not default_completion_to_prompt:
+            text = prompt if formatted else self.completion_to_prompt(prompt)
+            options = engine_options(self._defaults(), kwargs) | {"raw": True}
+            return _Request(text, options, active_span_id.get())
+        messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
+        if self.system_prompt:
+            messages.insert(0, ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt))
+        return self._chat_request(messages, kwargs)
+
+    def _defaults(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ENGINE_OPTIONS if name != "max_tokens"}
+
+    # -- tools ---------------------------------------------------------------------------
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Tool schemas go through the chat template; a required call is constrained."""
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        tool_choice = kwargs.pop("tool_choice", None)
+        if tool_required and tool_choice in (None, "auto"):
+            tool_choice = "required"
+        return {
+            "messages": messages,
+            "tools": [tool_schema(tool) for tool in tools] or None,
+            "tool_choice": tool_choice,
+            **kwargs,
+        }
+
+    def _tool_constraint(self, tools: list[dict[str, Any]], tool_choice: Any) -> Any:
+        """None for a free choice; else a constraint that forces a (named) call."""
+        if tool_choice in (None, "auto", "none"):
+            return None
+        if tool_choice in ("required", "any"):
+            name = None
+        elif isinstance(tool_choice, str):
+            name = tool_choice
+        elif isinstance(tool_choice, Mapping):
+            name = tool_choice.get("function", tool_choice).get("name")
+        else:
+            raise TypeError(f"`tool_choice` (={tool_choice!r}) must be a str or a dict")
+        names = [tool["function"]["name"] for tool in tools]
+        if name is not None and name not in names:
+            raise ValueError(f"`tool_choice` (={name!r}) is not one of the tools {names}")
+        from ngsd_guard.tools import ToolCallConstraint
+
+        return ToolCallConstraint(self.guarded.tokenizer, tools, name=name)
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        if not allow_parallel_tool_calls:
+            calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+            for extra in calls[1:]:
+                response.message.blocks.remove(extra)
+        return response
+
+    def get_tool_calls_from_response(
+        self,
+        response: ChatResponse,
+        error_on_no_tool_call: bool = True,
+        **kwargs: Any,
+    ) -> list[ToolSelection]:
+        """The model's tool calls (parsed when the generation ended) as `ToolSelection`s."""
+        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            raise ValueError("Expected at least one tool call, but the model made none.")
+        return [
+            ToolSelection(
+                tool_id=call.tool_call_id or call.tool_name,
+                tool_name=call.tool_name,
+                tool_kwargs=call.tool_kwargs,
+            )
+            for call in calls
+        ]
+
+    # -- records -> chunks ---------------------------------------------------------------
+
+    def _steps(self, request: _Request) -> Iterator[_Chunk]:
+        stream = self.guarded.stream(request.prompt, **request.options)
+        reporter = _Reporter(self.guarded.model_name, request)
+        try:
+            for record in stream:
+                yield reporter.step(record)
+            yield reporter.finish(stream.generation)
+        finally:
+            stream.close()
+
+    async def _asteps(self, request: _Request) -> AsyncIterator[_Chunk]:
+        stream = self.guarded.astream(request.prompt, **request.options)
+        reporter = _Reporter(self.guarded.model_name, request)
+        try:
+            async for record in stream:
+                yield reporter.step(record)
+            yield reporter.finish(stream.generation)
+        finally:
+            await stream.aclose()
+
+    async def _aguarded(self) -> None:
+        # The first call loads the model; keep that off the event loop.
+        if self._guarded is None:
+            await asyncio.to_thread(lambda: self.guarded)
+
+    # -- chat: the implementation --------------------------------------------------------
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        chunk = _last(self._steps(self._chat_request(messages, kwargs)))
+        return _chat_response(chunk, streamed=False)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        request = self._chat_request(messages, kwargs)
+        return (_chat_response(chunk) for chunk in self._steps(request))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        await self._aguarded()
+        request = self._chat_request(messages, kwargs)
+        chunk = await _alast(self._asteps(request))
+        return _chat_response(chunk, streamed=False)
+
+    @llm_chat_callback()
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        await self._aguarded()
+        request = self._chat_request(messages, kwargs)
+
+        async def responses() -> ChatResponseAsyncGen:
+            async for chunk in self._asteps(request):
+                yield _chat_response(chunk)
+
+        return responses()
+
+    # -- completion: derived from chat, or a formatted prompt decoded as-is ----------------
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        chunk = _last(self._steps(self._completion_request(prompt, formatted, kwargs)))
+        return _completion_response(chunk, streamed=False)
+
+    @llm_completion_callback()
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseGen:
+        request = self._completion_request(prompt, formatted, kwargs)
+        return (_completion_response(chunk) for chunk in self._steps(request))
+
+    @llm_completion_callback()
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponse:
+        await self._aguarded()
+        request = self._completion_request(prompt, formatted, kwargs)
+        chunk = await _alast(self._asteps(request))
+        return _completion_response(chunk, streamed=False)
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        await self._aguarded()
+        request = self._completion_request(prompt, formatted, kwargs)
+
+        async def responses() -> CompletionResponseAsyncGen:
+            async for chunk in self._asteps(request):
+                yield _completion_response(chunk)
+
+        return responses()
+
+
+class _Reporter:
+    """Turns one generation's records into chunks and sends a `NGSDGateEvent` per trigger."""
+
+    def __init__(self, model_name: str, request: _Request) -> None:
+        self.model_name = model_name
+        self.request = request
+        self.text = ""
+
+    def step(self, record: StepRecord) -> _Chunk:
+        gate_events = [GateEvent.from_record(record)] if record.spiked else []
+        for gate_event in gate_events:
+            dispatcher.event(
+                NGSDGateEvent(
+                    record=gate_event, model_name=self.model_name, span_id=self.request.span_id
+                )
+            )
+        self.text += record.text
+        dumped = [event.model_dump() for event in gate_events]
+        return _Chunk(
+            text=self.text,
+            delta=record.text,
+            raw={"record": record.model_dump(), "gate_events": dumped},
+            additional_kwargs={"ngsd_gate_events": dumped},
+        )
+
+    def finish(self, generation: Generation) -> _Chunk:
+        text, tool_calls = generation.text, []
+        if self.request.parse_tools:
+            from ngsd_guard.tools import parse_tool_calls
+
+            text, calls = parse_tool_calls(generation.text)
+            tool_calls = [tool_call_block(call.name, call.arguments) for call in calls]
+        summary = generation.summary.model_dump()
+        usage = {
+            "prompt_tokens": generation.summary.prompt_tokens,
+            "completion_tokens": generation.summary.tokens,
+            "total_tokens": generation.summary.prompt_tokens + generation.summary.tokens,
+        }
+        gate_events = [event.model_dump() for event in generation.gate_events]
+        return _Chunk(
+            text=text,
+            delta="",
+            raw={
+                "summary": summary,
+                "gate_events": gate_events,
+                "finish_reason": generation.finish_reason,
+                "usage": usage,
+            },
+            additional_kwargs={
+                "ngsd_summary": summary,
+                "ngsd_gate_events": gate_events,
+                "finish_reason": generation.finish_reason,
+                **usage,
+            },
+            tool_calls=tool_calls,
+        )
+
+
+def _chat_response(chunk: _Chunk, streamed: bool = True) -> ChatResponse:
+    message = ChatMessage(
+        role=MessageRole.ASSISTANT, blocks=[TextBlock(text=chunk.text), *chunk.tool_calls]
+    )
+    return ChatResponse(
+        message=message,
+        delta=chunk.delta if streamed else None,
+        raw=chunk.raw,
+        additional_kwargs=chunk.additional_kwargs,
+    )
+
+
+def _completion_response(chunk: _Chunk, streamed: bool = True) -> CompletionResponse:
+    return CompletionResponse(
+        text=chunk.text,
+        delta=chunk.delta if streamed else None,
+        raw=chunk.raw,
+        additional_kwargs=chunk.additional_kwargs,
+    )
+
+
+def _last(chunks: Iterator[_Chunk]) -> _Chunk:
+    last = None
+    for last in chunks:  # noqa: B007 - the loop drives the decode
+        pass
+    assert last is not None  # a stream always ends with its summary chunk
+    return last
+
+
+async def _alast(chunks: AsyncIterator[_Chunk]) -> _Chunk:
+    last = None
+    async for last in chunks:  # noqa: B007 - the loop drives the decode
+        pass
+    assert last is not None
+    return last
