@@ -158,3 +158,12 @@ def test_closing_a_stream_stops_generation(llm):
     assert first.delta is not None
     stream.close()  # the engine's decode is cancelled; the model stays usable
     assert llm.complete(RISKY, max_tokens=2).raw["summary"]["tokens"] == 2
+
+
+async def test_bad_prompts_fail_at_the_call_not_in_the_stream(llm):
+    from ngsd_guard import PromptError
+
+    with pytest.raises(PromptError):
+        llm.stream_chat([ChatMessage(role="user", content="  ")])
+    with pytest.raises(PromptError):
+        await llm.astream_complete("", formatted=True)

@@ -214,6 +214,8 @@ class NGSD(FunctionCallingLLM):
     def _chat_request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Request:
         tools = kwargs.pop("tools", None) or None
         tool_choice = kwargs.pop("tool_choice", None)
+        if tool_choice == "none":  # the model may not call tools: do not show them
+            tools = None
         options = engine_options(self._defaults(), kwargs)
         if self.messages_to_prompt != self._render:
             if tools:
@@ -275,7 +277,7 @@ class NGSD(FunctionCallingLLM):
 
     def _tool_constraint(self, tools: list[dict[str, Any]], tool_choice: Any) -> Any:
         """None for a free choice; else a constraint that forces a (named) call."""
-        if tool_choice in (None, "auto", "none"):
+        if tool_choice in (None, "auto"):
             return None
         if tool_choice in ("required", "any"):
             name = None
@@ -327,24 +329,34 @@ class NGSD(FunctionCallingLLM):
     # -- records -> chunks ---------------------------------------------------------------
 
     def _steps(self, request: _Request) -> Iterator[_Chunk]:
+        # The engine renders and checks the prompt now, so a bad prompt fails at the call;
+        # decoding starts when the chunks are consumed.
         stream = self.guarded.stream(request.prompt, **request.options)
         reporter = _Reporter(self.guarded.model_name, request)
-        try:
-            for record in stream:
-                yield reporter.step(record)
-            yield reporter.finish(stream.generation)
-        finally:
-            stream.close()
 
-    async def _asteps(self, request: _Request) -> AsyncIterator[_Chunk]:
+        def chunks() -> Iterator[_Chunk]:
+            try:
+                for record in stream:
+                    yield reporter.step(record)
+                yield reporter.finish(stream.generation)
+            finally:
+                stream.close()
+
+        return chunks()
+
+    def _asteps(self, request: _Request) -> AsyncIterator[_Chunk]:
         stream = self.guarded.astream(request.prompt, **request.options)
         reporter = _Reporter(self.guarded.model_name, request)
-        try:
-            async for record in stream:
-                yield reporter.step(record)
-            yield reporter.finish(stream.generation)
-        finally:
-            await stream.aclose()
+
+        async def chunks() -> AsyncIterator[_Chunk]:
+            try:
+                async for record in stream:
+                    yield reporter.step(record)
+                yield reporter.finish(stream.generation)
+            finally:
+                await stream.aclose()
+
+        return chunks()
 
     async def _aguarded(self) -> None:
         # The first call loads the model; keep that off the event loop.
@@ -376,9 +388,10 @@ class NGSD(FunctionCallingLLM):
     ) -> ChatResponseAsyncGen:
         await self._aguarded()
         request = self._chat_request(messages, kwargs)
+        chunks = self._asteps(request)
 
         async def responses() -> ChatResponseAsyncGen:
-            async for chunk in self._asteps(request):
+            async for chunk in chunks:
                 yield _chat_response(chunk)
 
         return responses()
@@ -412,9 +425,10 @@ class NGSD(FunctionCallingLLM):
     ) -> CompletionResponseAsyncGen:
         await self._aguarded()
         request = self._completion_request(prompt, formatted, kwargs)
+        chunks = self._asteps(request)
 
         async def responses() -> CompletionResponseAsyncGen:
-            async for chunk in self._asteps(request):
+            async for chunk in chunks:
                 yield _completion_response(chunk)
 
         return responses()
