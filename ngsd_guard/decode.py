@@ -25,9 +25,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .config import GuardConfig
 from .constraints import TokenConstraint
-from .divergence import DIVERGENCES
+from .divergence import DIVERGENCES, Divergence
 from .experts import Runner
-from .gate import hold, make_gate
+from .gate import Gate, make_gate
 from .intervention import intervene
 from .judge import is_refusal
 from .records import FinishReason, StepRecord
@@ -205,21 +205,20 @@ def decode(
         done = torch.tensor(finished, device=device)
 
         # 1. Draft: k base steps, as if the gate stayed quiet.
-        drafts, p_bases, allowed = [], [], []
+        drafts, base_logits, allowed = [], [], []
         drafting = ~done
         for i in range(k):
             logits = base_side.logits
             masks = _allowed(constraints, results, drafts, drafting, eos_ids, logits.shape[-1])
             if masks is not None:
                 logits = logits.masked_fill(~masks, float("-inf"))
-            p_base = torch.softmax(logits, dim=-1)
             if is_greedy(decoding):
                 token = logits.argmax(-1)
             else:
-                token = choose(p_base, _at(u, counts + i), decoding)
+                token = choose(torch.softmax(logits, -1), _at(u, counts + i), decoding)
             token = torch.where(drafting, token, torch.full_like(token, pad_id))
             drafts.append(token)
-            p_bases.append(p_base)
+            base_logits.append(logits)
             allowed.append(masks)
             drafting = drafting & ~torch.isin(token, eos)
             base_side.logits = base_side.feed(token.unsqueeze(-1), last_only=True)[:, -1]
@@ -229,52 +228,32 @@ def decode(
         draft = torch.stack(drafts, dim=1)  # (B, k)
 
         # 2. Verify: the expert scores the window in one forward.
-        if expert_side is not None:
-            expert_logits = expert_side.feed(draft)  # (B, k, V)
-            p_experts_logits = [expert_side.logits, *expert_logits[:, :-1].unbind(1)]
-            expert_side.logits = expert_logits[:, -1]
+        if expert_side is None:
+            table = _quiet_window(draft, state)
+        else:
+            scored = expert_side.feed(draft)  # (B, k, V): positions t+1 .. t+k
+            expert_logits = torch.cat([expert_side.logits.unsqueeze(1), scored[:, :-1]], 1)
+            expert_side.logits = scored[:, -1]
+            if allowed[0] is not None:
+                masks = torch.stack(allowed, 1)
+                expert_logits = expert_logits.masked_fill(~masks, float("-inf"))
 
-        # 3. Replay the gate over the window, all rows at once.
-        alive = ~done
-        chosen, diverged, potentials, spikes, divergences, accepted = [], [], [], [], [], []
-        for i in range(k):
-            x = draft[:, i]
-            if expert_side is None:
-                d = torch.zeros(rows, device=device)
-                v = state_potential(state)
-                spiked = torch.zeros(rows, dtype=torch.bool, device=device)
-                y = x
-            else:
-                e_logits = p_experts_logits[i]
-                if allowed[i] is not None:
-                    e_logits = e_logits.masked_fill(~allowed[i], float("-inf"))
-                p_expert = torch.softmax(e_logits, dim=-1)
-                d = divergence_fn(p_bases[i], p_expert)
-                new_state, v, spiked = gate.step(state, d)
-                state = hold(alive, new_state, state)
-                mixed = intervene(p_bases[i], p_expert, alpha, config.intervention.top_k)
-                y = torch.where(spiked, choose(mixed, _at(u, counts + i), decoding), x)
-            accepted.append(alive)
-            chosen.append(y)
-            diverged.append(alive & (y != x))
-            potentials.append(v)
-            spikes.append(spiked & alive)
-            divergences.append(d)
-            alive = alive & (y == x) & ~torch.isin(y, eos)
-
-        # One transfer for the whole window.
-        table = [
-            t.tolist()
-            for t in (
-                torch.stack(accepted, 1),
+            # 3. Replay the gate over the window.
+            p_base = torch.softmax(torch.stack(base_logits, 1), -1)  # (B, k, V)
+            p_expert = torch.softmax(expert_logits, -1)
+            state, table = _replay(
+                p_base,
+                p_expert,
                 draft,
-                torch.stack(chosen, 1),
-                torch.stack(diverged, 1),
-                torch.stack(spikes, 1),
-                torch.stack(potentials, 1).float(),
-                torch.stack(divergences, 1).float(),
+                done,
+                state,
+                gate,
+                divergence_fn,
+                alpha,
+                u.gather(1, (counts.unsqueeze(1) + torch.arange(k)).clamp_max(u.shape[1] - 1)),
+                config,
+                eos,
             )
-        ]
         acc_t, draft_t, chosen_t, div_t, spike_t, pot_t, d_t = table
         rollback: dict[int, tuple[int, int]] = {}
         for row in range(rows):
@@ -331,8 +310,86 @@ def decode(
     return results
 
 
-def state_potential(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    return next(iter(state.values()))
+def _quiet_window(draft: torch.Tensor, state: dict[str, torch.Tensor]) -> list[list]:
+    """The table of a window decoded by the base alone: every draft token kept."""
+    zeros = torch.zeros(draft.shape, dtype=torch.float32).tolist()
+    flags = torch.zeros(draft.shape, dtype=torch.bool)
+    potential = next(iter(state.values())).unsqueeze(1).expand(draft.shape).tolist()
+    return [
+        torch.ones_like(flags).tolist(),
+        draft.tolist(),
+        draft.tolist(),
+        flags.tolist(),
+        flags.tolist(),
+        potential,
+        zeros,
+    ]
+
+
+def _replay(
+    p_base: torch.Tensor,
+    p_expert: torch.Tensor,
+    draft: torch.Tensor,
+    done: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    gate: Gate,
+    divergence_fn: Divergence,
+    alpha: torch.Tensor,
+    window_u: torch.Tensor,
+    config: GuardConfig,
+    eos: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], list[list]]:
+    """Run the gate over a verified window and decide which draft tokens survive.
+
+    All positions are scored at once; the intervention runs only where the neuron spiked.
+    A row keeps its draft up to its first spike whose choice differs (that token replaced),
+    or up to EOS; its gate state is the one after the last kept token.
+
+    Returns the new gate state and a table of Python lists, each (B, k): accepted, draft,
+    chosen, intervened, spiked, potential, divergence.
+    """
+    rows, k, vocab = p_base.shape
+    divergence = divergence_fn(p_base.reshape(-1, vocab), p_expert.reshape(-1, vocab))
+    divergence = divergence.view(rows, k)
+    states, potentials, spikes = [], [], []
+    current = state
+    for i in range(k):
+        current, potential, spiked = gate.step(current, divergence[:, i])
+        states.append(current)
+        potentials.append(potential)
+        spikes.append(spiked)
+    spiked = torch.stack(spikes, 1) & ~done.unsqueeze(1)  # (B, k)
+    chosen = draft.clone()
+    if bool(spiked.any()):
+        where = spiked.nonzero(as_tuple=True)
+        mixed = intervene(
+            p_base[where], p_expert[where], alpha[where[0]], config.intervention.top_k
+        )
+        chosen[where] = choose(mixed, window_u.to(draft.device)[where], config.decoding)
+    intervened = spiked & (chosen != draft)
+    # A row stops keeping tokens after its first intervention or its EOS.
+    ends = intervened | torch.isin(chosen, eos)
+    before_end = (ends.cumsum(1) - ends.long()) == 0
+    accepted = before_end & ~done.unsqueeze(1)
+    last = (accepted.long().sum(1) - 1).clamp_min(0)  # (B,) index of the last kept token
+    stacked = {key: torch.stack([s[key] for s in states], 1) for key in state}
+    new_state = {
+        key: torch.where(done, state[key], value.gather(1, last.unsqueeze(1)).squeeze(1))
+        for key, value in stacked.items()
+    }
+    table = [
+        t.tolist()
+        for t in (
+            accepted,
+            draft,
+            chosen,
+            intervened & accepted,
+            spiked & accepted,
+            torch.stack(potentials, 1).float(),
+            divergence.float(),
+        )
+    ]
+    return new_state, table
 
 
 def _roll_back(

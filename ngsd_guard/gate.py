@@ -7,7 +7,6 @@ on a tensor). NGSD, arXiv 2602.02027, Sec. 3.2.
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -124,13 +123,3 @@ class AdamGate:
 def make_gate(config: GateConfig) -> Gate:
     """The gate named by ``config.kind``."""
     return {"lif": LIFGate, "ema": EMAGate, "adam": AdamGate}[config.kind](config)
-
-
-def hold(active: torch.Tensor, new: GateState, old: GateState) -> GateState:
-    """Rows where ``active`` is False keep their old state."""
-    return {key: torch.where(active, new[key], old[key]) for key in new}
-
-
-def never_fires(config: GateConfig) -> bool:
-    """True when no divergence can ever reach the threshold (``threshold=inf``)."""
-    return math.isinf(config.threshold)

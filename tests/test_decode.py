@@ -10,7 +10,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from ngsd_guard import GateConfig, GuardConfig, GuardedLM, InterventionConfig
-from ngsd_guard.gate import never_fires
 
 PROMPTS = ["Tell me a story about a dragon.", "Hi", "What is the capital of France, please?"]
 
@@ -61,7 +60,6 @@ def full_logits(model):
 
 def test_gate_that_never_fires_is_model_generate(tiny_base, tiny_expert, tokenizer):
     lm = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=float("inf")))
-    assert never_fires(lm.config.gate)
     for prompt in PROMPTS:
         ids = tokenizer(lm.render(prompt), return_tensors="pt", add_special_tokens=False)
         expected = tiny_base.generate(**ids, max_new_tokens=20, do_sample=False)
