@@ -525,6 +525,41 @@ class _Grammar:
             state = self.step(state, char)
         return state
 
+    def shortest_completion(self, state: frozenset) -> str:
+        """A shortest text that completes ``state`` ("" when it is complete)."""
+        return min((self._config_completion(c) for c in state), key=len, default="")
+
+    def _config_completion(self, config: tuple) -> str:
+        kind = config[0]
+        if kind == "lit":
+            return config[1][config[2] :] + self._rest_completion(config[3])
+        if kind == "str":
+            return '"' + self._rest_completion(config[3])
+        if kind == "num":
+            head = "" if config[2] in _NUMBER_ACCEPT else "0"
+            return head + self._rest_completion(config[4])
+        return ""
+
+    def _rest_completion(self, rest: Any) -> str:
+        text = ""
+        while rest is not None:
+            text += self._node_completion(rest[0])
+            rest = rest[1]
+        return text
+
+    def _node_completion(self, node: Any) -> str:
+        if isinstance(node, _Lit):
+            return node.text
+        if isinstance(node, _Seq):
+            return "".join(self._node_completion(item) for item in node.items)
+        if isinstance(node, _Choice):
+            return min((self._node_completion(o) for o in node.options), key=len)
+        if isinstance(node, _ArrayMore):
+            return "]"
+        if isinstance(node, _Str):
+            return '"'
+        return "0"  # _Num
+
     def is_complete(self, state: frozenset) -> bool:
         for config in state:
             if config is _END or config == _END:
@@ -580,8 +615,9 @@ class _TokenTable:
 
 
 def _token_texts(tokenizer: Any, vocab_size: int) -> list[str]:
-    """The text each token adds when decoded after other text ("" for special, added and
-    partial-UTF-8 tokens, which a constraint never allows)."""
+    """The text each token adds when decoded after other text ("" for special and added
+    tokens, which a constraint never allows). Bytes of a partial UTF-8 character read as
+    U+FFFD, which only a string accepts: so multi-byte characters can be written in strings."""
     size = min(len(tokenizer), vocab_size)
     anchor = tokenizer.encode("a", add_special_tokens=False)
     anchor_text = tokenizer.decode(anchor)
@@ -593,9 +629,7 @@ def _token_texts(tokenizer: Any, vocab_size: int) -> list[str]:
     for token_id, pair in enumerate(pairs):
         if token_id in skip or not pair.startswith(anchor_text):
             continue
-        text = pair[len(anchor_text) :]
-        if "\ufffd" not in text:
-            texts[token_id] = text
+        texts[token_id] = pair[len(anchor_text) :]
     return texts
 
 
@@ -620,11 +654,22 @@ def _token_table(tokenizer: Any, vocab_size: int | None) -> _TokenTable:
 class _GrammarConstraint:
     """A ``TokenConstraint`` that keeps the generated text inside a grammar's language."""
 
-    def __init__(self, tokenizer: Any, node: Any, *, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        node: Any,
+        *,
+        max_tokens: int | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"`max_tokens` (={max_tokens}) must be a positive token budget")
         self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
         self._table = _token_table(tokenizer, vocab_size)
         self._grammar = _Grammar(node)
         self._states: OrderedDict[tuple[int, ...], frozenset] = OrderedDict()
+        self._costs: dict[frozenset, int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -651,27 +696,61 @@ class _GrammarConstraint:
         return "".join(self._table.texts[int(t)] for t in generated)
 
     def allowed_tokens(self, generated: Sequence[int]) -> torch.Tensor:
-        """Bool mask ``(vocab,)`` of the tokens that keep the output a valid prefix."""
+        """Bool mask ``(vocab,)`` of the tokens that keep the output a valid prefix and, with
+        ``max_tokens``, leave enough tokens to finish: a token is allowed only if the shortest
+        completion after it (tokenised greedily) fits in ``max_tokens - len(generated) - 1``."""
         with self._lock:
             state = self._state(generated)
-            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
             if not state:
                 logger.warning("constrained output left its grammar; allowing only EOS")
+                mask = torch.zeros(self.vocab_size, dtype=torch.bool)
                 if self.tokenizer.eos_token_id is not None:
                     mask[self.tokenizer.eos_token_id] = True
                 return mask
-            ids: list[int] = []
-            walk_from = set()
-            for config in state:
-                if config[0] == "str":
-                    self._string_tokens(config, mask)
-                else:
-                    walk_from.add(config)
-            if walk_from:
-                self._walk(self._table.trie.root, frozenset(walk_from), ids)
-            if ids:
-                mask[torch.tensor(ids, dtype=torch.long)] = True
+            budget = None if self.max_tokens is None else self.max_tokens - len(generated) - 1
+            mask = self._mask(state, budget)
+            if budget is not None and not mask.any():  # the budget cannot be met: just continue
+                mask = self._mask(state, None)
             return mask
+
+    def _mask(self, state: frozenset, budget: int | None) -> torch.Tensor:
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        ids: list[int] = []
+        walk_from = set()
+        for config in state:
+            if config[0] == "str":
+                self._string_tokens(config, mask, budget)
+            else:
+                walk_from.add(config)
+        if walk_from:
+            self._walk(self._table.trie.root, frozenset(walk_from), ids, budget)
+        if ids:
+            mask[torch.tensor(ids, dtype=torch.long)] = True
+        return mask
+
+    def _cost(self, state: frozenset) -> int:
+        """Tokens a greedy longest-match tokenisation of the shortest completion takes: an
+        upper bound on the tokens needed to finish from ``state``."""
+        cost = self._costs.get(state)
+        if cost is None:
+            text, root, cost, start = (
+                self._grammar.shortest_completion(state),
+                self._table.trie.root,
+                0,
+                0,
+            )
+            while start < len(text):
+                node, end, position = root, start + 1, start
+                while position < len(text) and text[position] in node:
+                    node = node[text[position]]
+                    position += 1
+                    if "" in node:
+                        end = position
+                start, cost = end, cost + 1
+            if len(self._costs) > 100_000:
+                self._costs.clear()
+            self._costs[state] = cost
+        return cost
 
     def is_complete(self, generated: Sequence[int]) -> bool:
         """True when the output is a whole sentence of the grammar (or has left it)."""
@@ -679,8 +758,9 @@ class _GrammarConstraint:
             state = self._state(generated)
             return not state or self._grammar.is_complete(state)
 
-    def _walk(self, node: dict, state: frozenset, out: list[int]) -> None:
-        """Collect into ``out`` the ids of every token below ``node`` readable from ``state``."""
+    def _walk(self, node: dict, state: frozenset, out: list[int], budget: int | None) -> None:
+        """Collect into ``out`` the ids of every token below ``node`` readable from ``state``
+        (and, with a ``budget``, leaving a completion that fits)."""
         stack = [(node, state)]
         step = self._grammar.step
         while stack:
@@ -690,19 +770,23 @@ class _GrammarConstraint:
                     continue
                 following = step(state, char)
                 if following:
-                    out.extend(child.get("", ()))
+                    if "" in child and (budget is None or self._cost(following) <= budget):
+                        out.extend(child[""])
                     stack.append((child, following))
 
-    def _string_tokens(self, config: tuple, mask: torch.Tensor) -> None:
+    def _string_tokens(self, config: tuple, mask: torch.Tensor, budget: int | None) -> None:
         """Inside a string: tokens of plain string characters that fit the length limit, and
         tokens ``<chars>"<tail>`` whose tail is valid after the closing quote."""
         _, node, length, _ = config
         room = node.max_length - length
         table = self._table
-        mask |= table.plain & (table.lengths <= room)
+        if budget is None or self._cost(frozenset({config})) <= budget:
+            mask |= table.plain & (table.lengths <= room)
         closed = self._grammar.step(frozenset({config}), '"')
-        ids = list(table.tails.root.get("", ()))
-        self._walk(table.tails.root, closed, ids)
+        ids = []
+        if budget is None or self._cost(closed) <= budget:
+            ids.extend(table.tails.root.get("", ()))
+        self._walk(table.tails.root, closed, ids, budget)
         if ids:
             index = torch.tensor(ids, dtype=torch.long)
             mask[index[table.quote_prefix[index] <= room]] = True
@@ -717,14 +801,22 @@ class JsonConstraint(_GrammarConstraint):
         schema: a JSON schema: objects (required properties, in order), strings (``maxLength``,
             default 256), integers, numbers, booleans, null, ``enum``, ``const``, arrays,
             ``anyOf``/``oneOf``, ``$ref`` into ``$defs``.
+        max_tokens: the token budget of the call; when given, strings and arrays are closed in
+            time for the output to be complete within it.
         vocab_size: the length of the mask (the model's logits); default ``len(tokenizer)``.
     """
 
     def __init__(
-        self, tokenizer: Any, schema: Mapping[str, Any], *, vocab_size: int | None = None
+        self,
+        tokenizer: Any,
+        schema: Mapping[str, Any],
+        *,
+        max_tokens: int | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         self.schema = dict(schema)
-        super().__init__(tokenizer, _compile(schema, schema), vocab_size=vocab_size)
+        node = _compile(schema, schema)
+        super().__init__(tokenizer, node, max_tokens=max_tokens, vocab_size=vocab_size)
 
 
 class ToolCallConstraint(_GrammarConstraint):
@@ -736,6 +828,8 @@ class ToolCallConstraint(_GrammarConstraint):
         tokenizer: the model's Hugging Face tokenizer.
         tools: OpenAI-format tool schemas.
         name: force this tool.
+        max_tokens: the token budget of the call; when given, strings and arrays are closed in
+            time for the output to be complete within it.
         vocab_size: the length of the mask (the model's logits); default ``len(tokenizer)``.
 
     Raises:
@@ -748,6 +842,7 @@ class ToolCallConstraint(_GrammarConstraint):
         tools: Sequence[Mapping[str, Any]],
         name: str | None = None,
         *,
+        max_tokens: int | None = None,
         vocab_size: int | None = None,
     ) -> None:
         functions = [normalize_tool(tool)["function"] for tool in tools]
@@ -767,4 +862,4 @@ class ToolCallConstraint(_GrammarConstraint):
             for f in chosen
         )
         node = options[0] if len(options) == 1 else _Choice(options)
-        super().__init__(tokenizer, node, vocab_size=vocab_size)
+        super().__init__(tokenizer, node, max_tokens=max_tokens, vocab_size=vocab_size)

@@ -168,7 +168,7 @@ def test_random_walks_always_parse(tokenizer) -> None:
     """Any path through the mask ends in a call that parses and fits the schema."""
     constraint = ToolCallConstraint(tokenizer, [WEATHER, ADD])
     rng = random.Random(0)
-    for _ in range(6):
+    for _ in range(3):
         generated: list[int] = []
         while not constraint.is_complete(generated):
             allowed = constraint.allowed_tokens(generated).nonzero().flatten().tolist()
@@ -223,3 +223,26 @@ def test_forced_call_with_the_default_model(default_lm) -> None:
     content, calls = parse_tool_calls(generation.text)
     assert content == "" and calls[0].name == "add"
     assert set(calls[0].arguments) == {"a", "b"}
+
+
+def test_budget_closes_the_output_in_time(tokenizer) -> None:
+    """With ``max_tokens``, every path is complete within the budget."""
+    rng = random.Random(1)
+    for budget in (36, 48):
+        constraint = ToolCallConstraint(tokenizer, [WEATHER, ADD], max_tokens=budget)
+        generated: list[int] = []
+        while not constraint.is_complete(generated):
+            allowed = constraint.allowed_tokens(generated).nonzero().flatten().tolist()
+            generated.append(rng.choice(allowed))
+        assert len(generated) <= budget
+        assert len(parse_tool_calls(constraint.text(generated))[1]) == 1
+
+
+def test_multibyte_characters_only_inside_strings(tokenizer) -> None:
+    constraint = JsonConstraint(tokenizer, {"type": "array", "items": {"type": "string"}})
+    text = '["你好啊集团", "こんにちは"]'
+    generated = _walk(constraint, text, tokenizer)
+    assert constraint.is_complete(generated)
+    assert tokenizer.decode(generated) == text
+    partial = [t for t in range(len(tokenizer)) if tokenizer.decode([t]) == "\ufffd"]
+    assert partial and not constraint.allowed_tokens([])[partial].any()
