@@ -1,0 +1,142 @@
+"""``ngsd-guard eval``: base alone vs guarded on named sets; a table, or JSON with ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..training.command import default_data_dir
+
+POLICIES = ("default", "fixed", "probe", "reflect-json", "reflect-logprob")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..cli import add_model_options
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="base alone vs guarded: refusals, ASR, identical outputs, spikes, speed",
+        description="Runs base alone and guarded on each set and prints a table (or --json). "
+        "Sets: advbench-test, xstest-safe, xstest-unsafe, alpaca, or a JSONL file of "
+        '{"prompt": ..., "label": "harmful"|"benign"}.',
+    )
+    parser.add_argument(
+        "--sets", default="advbench-test,xstest-safe,alpaca", help="comma-separated set names"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: ../shared/data")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--output", type=Path, help="results JSON (default: runs/eval/<time>.json)")
+    parser.add_argument("--early-stop-after", type=int, default=None)
+    policy = parser.add_argument_group("alpha policy")
+    policy.add_argument(
+        "--alpha-policy",
+        choices=POLICIES,
+        default="default",
+        help="default: the probe when the expert has one, else fixed; fixed uses --alpha",
+    )
+    policy.add_argument("--probe", type=Path, help="probe.safetensors (default: the expert's)")
+    policy.add_argument("--risk-high", type=float, default=None)
+    policy.add_argument("--risk-low", type=float, default=None)
+    policy.add_argument("--alpha-high", type=float, default=None)
+    policy.add_argument("--alpha-mid", type=float, default=None)
+    policy.add_argument("--alpha-low", type=float, default=None)
+    policy.add_argument("--prime", type=float, default=None, help="initial potential, high risk")
+    add_model_options(parser)
+    parser.set_defaults(handler=cmd_eval, max_new_tokens=64)
+    return parser
+
+
+def build_policy(args: argparse.Namespace):
+    """The AlphaPolicy named by the flags, or None to keep the model's own."""
+    from ..alpha import FixedAlpha
+    from ..reflection import (
+        DEFAULT_RISK_MAP,
+        SHIPPED_PROBE,
+        JsonReader,
+        LogprobReader,
+        ProbeReader,
+        ReflectionAlpha,
+    )
+
+    name = args.alpha_policy
+    probe = args.probe
+    if probe is None:
+        adapter_probe = Path(args.adapter) / "probe.safetensors" if args.adapter else None
+        probe = adapter_probe if adapter_probe and adapter_probe.is_file() else SHIPPED_PROBE
+    if name == "default":
+        name = "probe" if probe.is_file() and not args.prompted and args.alpha is None else "fixed"
+    if name == "fixed":
+        return FixedAlpha(args.alpha if args.alpha is not None else 0.9)
+    updates = {
+        key: value
+        for key, value in {
+            "high": args.risk_high,
+            "low": args.risk_low,
+            "alpha_high": args.alpha_high,
+            "alpha_mid": args.alpha_mid,
+            "alpha_low": args.alpha_low,
+            "potential_high": args.prime,
+        }.items()
+        if value is not None
+    }
+    risk_map = DEFAULT_RISK_MAP.model_copy(update=updates)
+    risk_map = type(risk_map)(**risk_map.model_dump())  # re-validate
+    reader = {
+        "probe": lambda: ProbeReader.load(probe),
+        "reflect-json": JsonReader,
+        "reflect-logprob": LogprobReader,
+    }[name]()
+    return ReflectionAlpha(reader, risk_map)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..cli import load_from_args
+    from .runner import evaluate_set, format_table
+    from .sets import load_set
+
+    data_dir = args.data_dir or default_data_dir()
+    sets = [
+        s
+        for name in args.sets.split(",")
+        if name
+        for s in load_set(name, data_dir, limit=args.limit)
+    ]
+    lm = load_from_args(args)
+    lm.alpha_policy = build_policy(args)
+    results: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for eval_set in sets:
+        entry, set_rows = evaluate_set(
+            lm,
+            eval_set,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            early_stop_after=args.early_stop_after,
+        )
+        results.append(entry)
+        rows += set_rows
+    output = args.output or Path("runs/eval") / time.strftime("%Y%m%d-%H%M%S.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "results": results,
+        "command": "ngsd-guard " + shlex.join(sys.argv[1:]),
+        "model": lm.model_name,
+        "expert_kind": lm.expert_kind,
+        "alpha_policy": type(lm.alpha_policy).__name__,
+        "device": str(lm.device),
+        "outputs": rows,
+    }
+    output.write_text(json.dumps(record, indent=1) + "\n")
+    if args.json:
+        print(json.dumps({"results": results}, indent=2))
+    else:
+        print(format_table(results))
+        print(f"\nresults: {output}")
+    return 0

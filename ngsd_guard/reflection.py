@@ -1,0 +1,344 @@
+"""Self-reflection: read a request's risk before decoding, and turn it into alpha and a primed
+potential for the neuron (NGSD, arXiv 2602.02027, Sec. 3.3).
+
+Three risk readers, all batched, all ``read(lm, requests, hidden) -> (B,) fp32 risk in [0, 10]``:
+
+* :class:`JsonReader` (the paper's way): the base generates a JSON rating of the request on
+  severity S, actionability A, evasion E and targeting T (0-10 each), parsed robustly by
+  :func:`parse_scores`; a parse failure is logged and replaced by ``fallback`` scores.
+* :class:`LogprobReader`: one batched forward per dimension; the score is the expected value
+  of the next number token, ``E[s] = sum_k k p(k) / sum_k p(k)`` over the tokens ``"0".."10"``.
+* :class:`ProbeReader` (Safety-Neurons style): a logistic probe on the base's last-layer hidden
+  state at the last prompt token, ``risk = 10 sigmoid(w . (h - mu) / sigma + b)``; it costs no
+  forward, since the engine takes ``hidden`` from the prefill.
+
+The dimension scores become one risk by the paper's formula (:func:`combine_risk`), and the
+risk becomes an :class:`~ngsd_guard.alpha.Assessment` by :class:`RiskMap`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from pydantic import Field, model_validator
+
+from .alpha import Assessment
+from .config import _Frozen
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .guarded import GuardedLM
+
+logger = logging.getLogger(__name__)
+
+DIMENSIONS: tuple[str, ...] = ("severity", "actionability", "evasion", "targeting")
+"""The four rated dimensions, in the order S, A, E, T."""
+
+_DESCRIPTIONS = {
+    "severity": "how dangerous or sensitive the core topic is (weapons, violence, crime, "
+    "hacking, fraud, drugs, self-harm are high; everyday topics are 0)",
+    "actionability": "how much it asks for concrete, executable steps, recipes or tools "
+    "(0 = abstract discussion, 10 = directly executable harmful guidance)",
+    "evasion": "how much it tries to get around safety rules (roleplay, 'hypothetically', "
+    "'for a story', 'ignore your rules'; 0 = none)",
+    "targeting": "how much it names real targets or victims (people, groups, places, "
+    "systems; 0 = none)",
+}
+
+REFLECTION_SYSTEM = (
+    "You are a safety rater. You do not answer requests; you rate them. Rate the user's "
+    "request on four dimensions, each an integer from 0 to 10:\n"
+    + "\n".join(f"- {name}: {text}" for name, text in _DESCRIPTIONS.items())
+    + '\nReply with JSON only, exactly: {"severity": <0-10>, "actionability": <0-10>, '
+    '"evasion": <0-10>, "targeting": <0-10>}'
+)
+"""The rating prompt of :class:`JsonReader` (written for this project after the paper's)."""
+
+
+def reflection_messages(request: str) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": REFLECTION_SYSTEM},
+        {"role": "user", "content": f"Rate this request (do not answer it):\n\n{request}"},
+    ]
+
+
+# ---------------------------------------------------------------------------- the formula
+def combine_risk(scores: torch.Tensor) -> torch.Tensor:
+    """(B, 4) scores S, A, E, T in [0, 10] -> (B,) risk, the paper's formula.
+
+    ``r = max(S, 0.5 S + 0.5 mean(top two of A, E, T))``; escalation: when ``S >= 5`` and
+    some of A, E, T is ``>= 8``, ``r`` is the largest such value. Clipped to [0, 10].
+
+    >>> combine_risk(torch.tensor([[4.0, 8.0, 6.0, 0.0], [6.0, 9.0, 1.0, 1.0]])).tolist()
+    [5.5, 9.0]
+    """
+    scores = scores.float().clamp(0, 10)
+    severity, rest = scores[:, 0], scores[:, 1:]
+    top_two = rest.topk(2, dim=-1).values.mean(dim=-1)
+    risk = torch.maximum(severity, 0.5 * severity + 0.5 * top_two)
+    high = rest.max(dim=-1).values
+    escalate = (severity >= 5) & (high >= 8)
+    return torch.where(escalate, high, risk).clamp(0, 10)
+
+
+class RiskMap(_Frozen):
+    """Risk -> alpha and primed potential, by thresholds (paper: 0.9 above 6, 0.1 below 5,
+    0.5 between). ``potential_*`` is the neuron's initial potential: with LIF,
+    ``v_0 = (1 - 1/tau) potential + D_0``, so a potential of ``threshold / (1 - 1/tau)`` or more
+    fires on the first token."""
+
+    high: float = Field(6.0, ge=0, le=10, description="risk above this is high")
+    low: float = Field(5.0, ge=0, le=10, description="risk below this is low")
+    alpha_high: float = Field(0.9, ge=0, le=1)
+    alpha_mid: float = Field(0.5, ge=0, le=1)
+    alpha_low: float = Field(0.1, ge=0, le=1)
+    potential_high: float = Field(0.0, ge=0, description="initial potential for high risk")
+    potential_mid: float = Field(0.0, ge=0)
+    potential_low: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RiskMap:
+        if self.low > self.high:
+            raise ValueError(f"`low` (={self.low}) must not exceed `high` (={self.high})")
+        return self
+
+    def assess(self, risk: torch.Tensor) -> list[Assessment]:
+        """(B,) risk -> one Assessment per row."""
+        out = []
+        for r in risk.float().tolist():
+            if r > self.high:
+                alpha, potential = self.alpha_high, self.potential_high
+            elif r < self.low:
+                alpha, potential = self.alpha_low, self.potential_low
+            else:
+                alpha, potential = self.alpha_mid, self.potential_mid
+            out.append(Assessment(alpha=alpha, risk=r, potential=potential))
+        return out
+
+
+# ---------------------------------------------------------------------------- readers
+class RiskReader(Protocol):
+    """``read(lm, requests, hidden) -> (B,) fp32 risk in [0, 10]``."""
+
+    def read(
+        self, lm: GuardedLM, requests: Sequence[str], hidden: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+_KEY_ALIASES = {
+    "severity": ("severity", "severityscore", "s"),
+    "actionability": ("actionability", "actionabilityscore", "a"),
+    "evasion": ("evasion", "evasionscore", "e"),
+    "targeting": ("targeting", "targetingscore", "t"),
+}
+_PAIR = re.compile(r'"?([A-Za-z_ ]+?)"?\s*[:=]\s*"?(-?\d+(?:\.\d+)?)')
+
+
+def parse_scores(text: str) -> dict[str, float] | None:
+    """The four scores from a model's JSON-ish reply, or None when any is missing.
+
+    Tolerates code fences, prose around the object, single quotes, key variants
+    (``severityScore``, ``Severity``), numbers as strings, trailing commas; clamps to [0, 10].
+
+    >>> parse_scores('Sure! ```json\\n{"severityScore": "7", "actionability": 12,'
+    ...              ' "Evasion": 0, "targeting": 3,}\\n```')
+    {'severity': 7.0, 'actionability': 10.0, 'evasion': 0.0, 'targeting': 3.0}
+    >>> parse_scores('{"severity": 7}') is None
+    True
+    """
+    found: dict[str, float] = {}
+    for key, value in _PAIR.findall(text.replace("'", '"')):
+        name = key.strip().lower().replace("_", "").replace(" ", "")
+        for dim, aliases in _KEY_ALIASES.items():
+            if name in aliases and dim not in found:
+                found[dim] = min(10.0, max(0.0, float(value)))
+    if len(found) < len(DIMENSIONS):
+        return None
+    return {dim: found[dim] for dim in DIMENSIONS}
+
+
+class JsonReader:
+    """The base generates its JSON rating (greedy, base alone); parsed by :func:`parse_scores`.
+
+    A reply that does not parse is logged (``logging.WARNING``) and rated ``fallback``
+    (S, A, E, T); the default fallback gives risk 5.5, the middle band.
+    """
+
+    def __init__(
+        self, *, max_new_tokens: int = 48, fallback: Sequence[float] = (5.0, 6.0, 6.0, 5.0)
+    ) -> None:
+        if max_new_tokens < 8:
+            raise ConfigError(f"`max_new_tokens` (={max_new_tokens}) must be at least 8")
+        if len(fallback) != 4:
+            raise ConfigError(f"`fallback` (={fallback!r}) must be four scores S, A, E, T")
+        self.max_new_tokens = max_new_tokens
+        self.fallback = [float(x) for x in fallback]
+        self.failures = 0
+
+    def scores(self, lm: GuardedLM, requests: Sequence[str]) -> torch.Tensor:
+        """(B, 4) scores S, A, E, T."""
+        prompts = [lm.render(reflection_messages(r)) + "{" for r in requests]
+        generations = lm.generate_batch(
+            prompts, raw=True, guard=False, max_new_tokens=self.max_new_tokens
+        )
+        rows = []
+        for request, generation in zip(requests, generations, strict=True):
+            parsed = parse_scores("{" + generation.text)
+            if parsed is None:
+                self.failures += 1
+                logger.warning(
+                    "reflection JSON did not parse for %r: %r; using fallback %s",
+                    request[:60],
+                    generation.text[:120],
+                    self.fallback,
+                )
+                rows.append(self.fallback)
+            else:
+                rows.append([parsed[d] for d in DIMENSIONS])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def read(self, lm: GuardedLM, requests: Sequence[str], hidden: torch.Tensor) -> torch.Tensor:
+        return combine_risk(self.scores(lm, requests))
+
+
+def number_token_ids(tokenizer) -> torch.Tensor:
+    """(11,) the id of each single-token number ``"0".."10"`` (-1 where it is not one token)."""
+    ids = []
+    for k in range(11):
+        encoded = tokenizer(str(k), add_special_tokens=False)["input_ids"]
+        ids.append(encoded[0] if len(encoded) == 1 else -1)
+    return torch.tensor(ids)
+
+
+def expected_score(logprobs: torch.Tensor, number_ids: torch.Tensor) -> torch.Tensor:
+    """(B, V) next-token log-probs -> (B,) ``sum_k k p(k) / sum_k p(k)`` over number tokens.
+
+    >>> lp = torch.full((1, 5), -1e9); lp[0, 3] = lp[0, 4] = 0.0
+    >>> expected_score(lp, torch.tensor([1, -1, 3, 4])).tolist()  # "2" -> id 3, "3" -> id 4
+    [2.5]
+    """
+    valid = number_ids >= 0
+    values = torch.arange(len(number_ids), dtype=torch.float32)[valid]
+    probs = logprobs[:, number_ids[valid]].float().exp()  # (B, K)
+    return (probs * values).sum(-1) / probs.sum(-1).clamp_min(1e-12)
+
+
+class LogprobReader:
+    """Expected scores from the number-token probabilities: one batched forward per dimension.
+
+    For dimension d the base sees the rating prompt and the start of its answer,
+    ``{"severity": 3, ..., "d": `` (earlier dimensions filled with their rounded expected
+    scores), and the score is :func:`expected_score` of the next token.
+    """
+
+    def scores(self, lm: GuardedLM, requests: Sequence[str]) -> torch.Tensor:
+        """(B, 4) expected scores S, A, E, T."""
+        number_ids = number_token_ids(lm.tokenizer)
+        heads = [lm.render(reflection_messages(r)) for r in requests]
+        columns: list[torch.Tensor] = []
+        for d, dim in enumerate(DIMENSIONS):
+            filled = [
+                ", ".join(f'"{DIMENSIONS[j]}": {round(float(columns[j][b]))}' for j in range(d))
+                for b in range(len(requests))
+            ]
+            texts = [
+                head + "{" + (f + ", " if f else "") + f'"{dim}": '
+                for head, f in zip(heads, filled, strict=True)
+            ]
+            logprobs = lm.next_token_logprobs(texts)  # (B, V)
+            columns.append(expected_score(logprobs.cpu(), number_ids))
+        return torch.stack(columns, dim=-1)
+
+    def read(self, lm: GuardedLM, requests: Sequence[str], hidden: torch.Tensor) -> torch.Tensor:
+        return combine_risk(self.scores(lm, requests))
+
+
+class ProbeReader:
+    """``risk = 10 sigmoid(w . (h - mean) / std + bias)`` on the prefill's hidden state."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+    ) -> None:
+        if weight.ndim != 1 or mean.shape != weight.shape or std.shape != weight.shape:
+            raise ConfigError(
+                f"probe shapes disagree: weight {tuple(weight.shape)}, mean "
+                f"{tuple(mean.shape)}, std {tuple(std.shape)}; retrain with train-expert"
+            )
+        self.weight, self.bias = weight.float(), bias.float().reshape(())
+        self.mean, self.std = mean.float(), std.float().clamp_min(1e-6)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeReader:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"probe file (={str(path)!r}) not found; train one with train-expert")
+        tensors = load_file(str(path))
+        return cls(tensors["weight"], tensors["bias"], tensors["mean"], tensors["std"])
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"weight": self.weight, "bias": self.bias.reshape(1), "mean": self.mean}
+        tensors["std"] = self.std
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, H) -> (B,) log-odds of 'harmful'."""
+        z = (hidden.float().to(self.weight.device) - self.mean) / self.std
+        return z @ self.weight + self.bias
+
+    def read(self, lm: GuardedLM, requests: Sequence[str], hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[-1] != self.weight.shape[0]:
+            raise ConfigError(
+                f"the probe expects hidden size {self.weight.shape[0]} but the model gives "
+                f"{hidden.shape[-1]}; train a probe for this model with train-expert"
+            )
+        return 10.0 * torch.sigmoid(self.logits(hidden.cpu()))
+
+
+# ---------------------------------------------------------------------------- the policy
+class ReflectionAlpha:
+    """An :class:`~ngsd_guard.alpha.AlphaPolicy`: a risk reader, then a :class:`RiskMap`.
+
+    >>> policy = ReflectionAlpha(ProbeReader.load("probe.safetensors"))  # doctest: +SKIP
+    >>> lm = GuardedLM.from_default(alpha_policy=policy)                  # doctest: +SKIP
+    """
+
+    def __init__(self, reader: RiskReader, risk_map: RiskMap | None = None) -> None:
+        self.reader = reader
+        self.risk_map = risk_map or RiskMap()
+
+    def assess(
+        self, lm: GuardedLM, requests: Sequence[str], hidden: torch.Tensor
+    ) -> list[Assessment]:
+        return self.risk_map.assess(self.reader.read(lm, requests, hidden))
+
+
+SHIPPED_PROBE = (
+    Path(__file__).parent / "data" / "experts" / "smollm2-135m-instruct" / "probe.safetensors"
+)
+
+DEFAULT_RISK_MAP = RiskMap(alpha_high=0.9, alpha_mid=0.5, alpha_low=0.1, potential_high=2.0)
+"""The shipped default: the paper's thresholds and alphas, and a high-risk request primes the
+neuron so that it fires from the first token (chosen by the evaluation; see README)."""
+
+
+def default_policy(probe: str | Path | None = None) -> ReflectionAlpha | None:
+    """The probe policy of the shipped expert, or None when no probe file is there."""
+    path = Path(probe) if probe is not None else SHIPPED_PROBE
+    if not path.is_file():
+        return None
+    return ReflectionAlpha(ProbeReader.load(path), DEFAULT_RISK_MAP)
+
+
+def risk_json(scores: dict[str, float]) -> str:
+    """Scores as the JSON the reader expects (used in tests and docs)."""
+    return json.dumps(scores)

@@ -1,0 +1,124 @@
+"""``ngsd-guard train-expert``: build the data, train the probe and the LoRA expert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def default_data_dir() -> Path:
+    """``$NGSD_GUARD_DATA``, else ``../shared/data`` from the working directory."""
+    return Path(os.environ.get("NGSD_GUARD_DATA", "../shared/data"))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train-expert",
+        help="train a LoRA safety expert and a hidden-state risk probe",
+        description=(
+            "Builds the training data with the base model itself (refusals under a safety "
+            "prompt, deep-alignment recovery prefixes, benign anchors distilled from the base), "
+            "trains a LoRA adapter and a hidden-state probe, and writes a peft adapter dir, "
+            "probe.safetensors and training.json to --out."
+        ),
+    )
+    parser.add_argument("--model", help="base model dir or cached hub id (default: embedded)")
+    parser.add_argument("--gguf-file", help="GGUF file inside --model")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: ../shared/data")
+    parser.add_argument("--out", type=Path, default=Path("runs/expert"), help="output directory")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--benign-limit", type=int, default=300, help="AlpacaEval anchors (100+)")
+    parser.add_argument("--harmful-limit", type=int, default=None, help="cap harmful seeds")
+    parser.add_argument("--refusal-tries", type=int, default=4)
+    parser.add_argument("--recovery-rate", type=float, default=0.5)
+    parser.add_argument("--answer-tokens", type=int, default=64, help="length of base answers")
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=64)
+    parser.add_argument(
+        "--target-modules", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated"
+    )
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--distill-weight", type=float, default=1.0)
+    parser.add_argument("--no-probe", action="store_true", help="skip the hidden-state probe")
+    parser.add_argument("--save-examples", type=Path, help="write the examples as JSONL here")
+    parser.add_argument("--json", action="store_true", help="print training.json")
+    parser.set_defaults(handler=cmd_train_expert)
+    return parser
+
+
+def cmd_train_expert(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..loading import (
+        DEFAULT_MODEL_NAME,
+        default_model_dir,
+        load_model,
+        load_tokenizer,
+        resolve,
+        resolve_device,
+    )
+    from .data import BuildConfig
+    from .expert import train_expert
+    from .trainer import LoraSettings
+
+    data_dir = args.data_dir or default_data_dir()
+    if not (data_dir / "advbench_harmful_behaviors.json").is_file():
+        raise ConfigError(
+            f"`--data-dir` (={str(data_dir)!r}) has no advbench_harmful_behaviors.json; "
+            "point it at shared/data"
+        )
+    device = resolve_device(args.device)
+    path = resolve(args.model) if args.model else default_model_dir()
+    base_name = Path(str(args.model)).name if args.model else DEFAULT_MODEL_NAME
+    tokenizer = load_tokenizer(path, gguf_file=args.gguf_file)
+    model = load_model(path, device=device, dtype=torch.float32, gguf_file=args.gguf_file)
+    build = BuildConfig(
+        seed=args.seed,
+        refusal_tries=args.refusal_tries,
+        recovery_rate=args.recovery_rate,
+        compliant_tokens=args.answer_tokens,
+        benign_tokens=args.answer_tokens,
+    )
+    lora = LoraSettings(
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        target_modules=tuple(m for m in args.target_modules.split(",") if m),
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        distill_weight=args.distill_weight,
+        seed=args.seed,
+    )
+    record = train_expert(
+        model,
+        tokenizer,
+        data_dir=data_dir,
+        out=args.out,
+        base_name=base_name,
+        build=build,
+        lora=lora,
+        benign_limit=args.benign_limit,
+        harmful_limit=args.harmful_limit,
+        probe=not args.no_probe,
+        examples_path=args.save_examples,
+        command="ngsd-guard " + shlex.join(sys.argv[1:]),
+    )
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    else:
+        training = record["training"]
+        print(
+            f"wrote {args.out}: {training['steps']} steps in {training['seconds']} s, "
+            f"loss {training['first_loss']} -> {training['last_loss']}"
+            + (f", probe AUC {record['probe']['cv_auc']}" if "probe" in record else "")
+        )
+    return 0
