@@ -36,3 +36,15 @@ def test_rag_example_streams_an_answer_and_prints_gate_triggers():
     triggers = re.findall(r"\[gate\] token \d+: .* \(span NGSD\.stream_chat-[0-9a-f-]+\)", out)
     assert triggers
     assert f"gate triggers: {len(triggers)}" in out
+
+
+def test_agent_example_calls_the_tool_and_reports_gate_triggers():
+    out = run_example("llamaindex_agent.py", "--threshold", "0.1", "--max-new-tokens", "16")
+    function_part, react_part = out.split("\nReActAgent\n")
+    assert function_part.startswith("Q: What is 6 times 7?\nFunctionAgent\n")
+    # the first step is a forced call, decoded under a constraint: always valid
+    assert "  tool call: multiply({'a': 6, 'b': 7}) -> 42\n" in function_part
+    for part in (function_part, react_part):
+        assert re.search(r"^  answer: '.*'$", part, re.MULTILINE)
+        triggers = re.search(r"^  gate triggers: (\d+) in (\d+) LLM call\(s\)$", part, re.MULTILINE)
+        assert triggers and int(triggers[1]) > 0 and int(triggers[2]) > 0

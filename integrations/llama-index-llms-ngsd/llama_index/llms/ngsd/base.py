@@ -35,6 +35,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
 
 from ngsd_guard import GateEvent, Generation, GuardConfig, GuardedLM, StepRecord
+from ngsd_guard.tools import ToolCall, ToolCallConstraint, ToolCallStreamParser
 
 from .events import NGSDGateEvent
 from .messages import to_chat_messages, tool_call_block, tool_schema
@@ -86,7 +87,7 @@ class _Request:
     prompt: str | list[dict[str, Any]]
     options: dict[str, Any]
     span_id: str | None
-    parse_tools: bool = False
+    tool_names: list[str] | None = None  # parse the output for calls to these tools
 
 
 @dataclass
@@ -232,7 +233,12 @@ class NGSD(FunctionCallingLLM):
             constraint = self._tool_constraint(tools, tool_choice)
             if constraint is not None:
                 options["constraint"] = constraint
-        return _Request(prompt, options, active_span_id.get(), parse_tools=bool(tools))
+                # A forced call cut short is no call at all: it ends when it is complete,
+                # within at least the engine's budget.
+                floor = self.guarded.config.decoding.max_new_tokens
+                options["max_new_tokens"] = max(options.get("max_new_tokens", 0), floor)
+        names = [tool["function"]["name"] for tool in tools] if tools else None
+        return _Request(prompt, options, active_span_id.get(), tool_names=names)
 
     def _completion_request(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> _Request:
         if formatted or self.completion_to_prompt is not default_completion_to_prompt:
@@ -287,11 +293,6 @@ class NGSD(FunctionCallingLLM):
             name = tool_choice.get("function", tool_choice).get("name")
         else:
             raise TypeError(f"`tool_choice` (={tool_choice!r}) must be a str or a dict")
-        names = [tool["function"]["name"] for tool in tools]
-        if name is not None and name not in names:
-            raise ValueError(f"`tool_choice` (={name!r}) is not one of the tools {names}")
-        from ngsd_guard.tools import ToolCallConstraint
-
         return ToolCallConstraint(self.guarded.tokenizer, tools, name=name)
 
     def _validate_chat_with_tools_response(
@@ -435,12 +436,19 @@ class NGSD(FunctionCallingLLM):
 
 
 class _Reporter:
-    """Turns one generation's records into chunks and sends a `NGSDGateEvent` per trigger."""
+    """Turns one generation's records into chunks and sends a `NGSDGateEvent` per trigger.
+
+    With tools, the text goes through a `ToolCallStreamParser`: deltas carry the content
+    only, and each call becomes a `ToolCallBlock` as soon as its closing tag arrives.
+    """
 
     def __init__(self, model_name: str, request: _Request) -> None:
         self.model_name = model_name
         self.request = request
         self.text = ""
+        self.tool_calls: list[ToolCallBlock] = []
+        names = request.tool_names
+        self.parser = ToolCallStreamParser(names) if names is not None else None
 
     def step(self, record: StepRecord) -> _Chunk:
         gate_events = [GateEvent.from_record(record)] if record.spiked else []
@@ -450,22 +458,20 @@ class _Reporter:
                     record=gate_event, model_name=self.model_name, span_id=self.request.span_id
                 )
             )
-        self.text += record.text
+        delta = self._content(self.parser.feed(record.text)) if self.parser else record.text
+        self.text += delta
         dumped = [event.model_dump() for event in gate_events]
         return _Chunk(
             text=self.text,
-            delta=record.text,
+            delta=delta,
             raw={"record": record.model_dump(), "gate_events": dumped},
             additional_kwargs={"ngsd_gate_events": dumped},
+            tool_calls=list(self.tool_calls),
         )
 
     def finish(self, generation: Generation) -> _Chunk:
-        text, tool_calls = generation.text, []
-        if self.request.parse_tools:
-            from ngsd_guard.tools import parse_tool_calls
-
-            text, calls = parse_tool_calls(generation.text)
-            tool_calls = [tool_call_block(call.name, call.arguments) for call in calls]
+        delta = self._content(self.parser.finish()) if self.parser else ""
+        self.text += delta
         summary = generation.summary.model_dump()
         usage = {
             "prompt_tokens": generation.summary.prompt_tokens,
@@ -474,8 +480,9 @@ class _Reporter:
         }
         gate_events = [event.model_dump() for event in generation.gate_events]
         return _Chunk(
-            text=text,
-            delta="",
+            # as `parse_tool_calls` does: the content around calls is stripped
+            text=self.text.strip() if self.tool_calls else self.text,
+            delta=delta,
             raw={
                 "summary": summary,
                 "gate_events": gate_events,
@@ -488,8 +495,12 @@ class _Reporter:
                 "finish_reason": generation.finish_reason,
                 **usage,
             },
-            tool_calls=tool_calls,
+            tool_calls=list(self.tool_calls),
         )
+
+    def _content(self, pieces: list[str | ToolCall]) -> str:
+        self.tool_calls += [tool_call_block(p) for p in pieces if isinstance(p, ToolCall)]
+        return "".join(p for p in pieces if isinstance(p, str))
 
 
 def _chat_response(chunk: _Chunk, streamed: bool = True) -> ChatResponse:

@@ -2,13 +2,12 @@
 
 Pure functions, no model: a `ChatMessage` becomes ``{"role", "content", "tool_calls"?,
 "tool_call_id"?}``; a LlamaIndex tool becomes an OpenAI-style JSON-schema dict; an engine
-`ToolCall` becomes a `ToolCallBlock`.
+`ToolCall` (parsed by `ngsd_guard.tools`) becomes a `ToolCallBlock`.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,8 @@ from llama_index.core.base.llms.types import (
     ThinkingBlock,
     ToolCallBlock,
 )
+
+from ngsd_guard.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -65,7 +66,8 @@ def to_chat_message(message: ChatMessage, *, inline_tool_calls: bool = False) ->
     tool_calls: list[dict[str, Any]] = []
     for block in message.blocks:
         if isinstance(block, TextBlock):
-            texts.append(block.text)
+            if block.text:
+                texts.append(block.text)
         elif isinstance(block, ToolCallBlock):
             tool_calls.append(_tool_call(block.tool_call_id, block.tool_name, block.tool_kwargs))
         elif isinstance(block, ThinkingBlock | CachePoint):
@@ -101,7 +103,7 @@ def _tool_call(call_id: str | None, name: str, arguments: dict[str, Any] | str) 
 def tool_call_text(function: dict[str, Any]) -> str:
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``"""
     payload = json.dumps({"name": function["name"], "arguments": function["arguments"]})
-    return f"<tool_call>{payload}</tool_call>"
+    return f"{TOOL_CALL_OPEN}{payload}{TOOL_CALL_CLOSE}"
 
 
 def tool_schema(tool: BaseTool) -> dict[str, Any]:
@@ -109,8 +111,6 @@ def tool_schema(tool: BaseTool) -> dict[str, Any]:
     return tool.metadata.to_openai_tool(skip_length_check=True)
 
 
-def tool_call_block(name: str, arguments: dict[str, Any]) -> ToolCallBlock:
-    """A call the model made, as the block LlamaIndex agents read, with a fresh call id."""
-    return ToolCallBlock(
-        tool_call_id=f"call_{uuid.uuid4().hex[:24]}", tool_name=name, tool_kwargs=arguments
-    )
+def tool_call_block(call: ToolCall) -> ToolCallBlock:
+    """A call the model made, as the block LlamaIndex agents read."""
+    return ToolCallBlock(tool_call_id=call.id, tool_name=call.name, tool_kwargs=call.arguments)
