@@ -676,6 +676,13 @@ class _GrammarConstraint:
     def vocab_size(self) -> int:
         return self._table.vocab_size
 
+    @property
+    def min_tokens(self) -> int:
+        """An upper bound on the fewest tokens a complete output takes (a greedy tokenisation
+        of the shortest sentence): ``max_tokens`` below it cannot be met."""
+        with self._lock:
+            return self._cost(self._grammar.initial)
+
     def _state(self, generated: Sequence[int]) -> frozenset:
         key = tuple(int(t) for t in generated)
         state = self._states.get(key)

@@ -246,3 +246,10 @@ def test_multibyte_characters_only_inside_strings(tokenizer) -> None:
     assert tokenizer.decode(generated) == text
     partial = [t for t in range(len(tokenizer)) if tokenizer.decode([t]) == "\ufffd"]
     assert partial and not constraint.allowed_tokens([])[partial].any()
+
+
+def test_min_tokens_bounds_the_shortest_output(tokenizer) -> None:
+    constraint = ToolCallConstraint(tokenizer, [ADD], max_tokens=64)
+    shortest = '<tool_call>{"name": "add", "arguments": {"a": 0, "b": 0}}</tool_call>'
+    assert constraint.min_tokens >= len(tokenizer.encode(shortest, add_special_tokens=False))
+    assert constraint.min_tokens <= len(shortest)

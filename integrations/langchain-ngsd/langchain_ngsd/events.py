@@ -1,0 +1,121 @@
+"""Gate events through LangChain's channels: custom events, LangGraph's stream writer, and a
+ready callback handler.
+
+Every channel carries ``GateEvent.model_dump()`` (the engine's own record of the spike):
+``{"row", "step", "token_id", "text", "divergence", "potential", "spiked", "alpha",
+"base_token_id", "chosen_token_id", "intervened", "finish_reason"}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    BaseCallbackHandler,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+    adispatch_custom_event,
+    dispatch_custom_event,
+)
+from langchain_core.runnables.config import var_child_runnable_config
+
+from ngsd_guard import GateEvent
+
+__all__ = ["GATE_EVENT", "GateEventHandler"]
+
+GATE_EVENT = "ngsd_gate"
+"""The name of the custom event (and of the key in LangGraph ``stream_mode="custom"`` items)."""
+
+_LANGGRAPH_RUNTIME = "__pregel_runtime"
+
+
+class GateEventHandler(BaseCallbackHandler):
+    """Receives every gate spike as a typed :class:`ngsd_guard.GateEvent`.
+
+    Subclass and override :meth:`on_gate`, or pass a function. Events are also kept in
+    ``events``. Attach it like any handler: ``chain.invoke(x, config={"callbacks": [handler]})``
+    or ``ChatNGSD(callbacks=[handler])``.
+
+    >>> handler = GateEventHandler(lambda event: print(event.step, event.divergence))
+    """
+
+    def __init__(self, on_gate: Callable[[GateEvent], object] | None = None) -> None:
+        super().__init__()
+        self.events: list[GateEvent] = []
+        self._callback = on_gate
+
+    def on_gate(self, event: GateEvent) -> None:
+        """Called once per spike, in order."""
+        if self._callback is not None:
+            self._callback(event)
+
+    def on_custom_event(
+        self,
+        name: str,
+        data: Any,
+        *,
+        run_id: UUID,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if name == GATE_EVENT:
+            event = GateEvent.model_validate(data)
+            self.events.append(event)
+            self.on_gate(event)
+
+
+def _graph_writer() -> Callable[[Any], None] | None:
+    """LangGraph's stream writer when running inside a graph node, else None."""
+    config = var_child_runnable_config.get()
+    if not config or _LANGGRAPH_RUNTIME not in config.get("configurable", {}):
+        return None
+    from langgraph.config import get_stream_writer
+
+    return get_stream_writer()
+
+
+def emit_gate_event(event: GateEvent, run_manager: CallbackManagerForLLMRun | None) -> None:
+    """Send one spike to the model run's handlers (as custom event ``ngsd_gate``, parented to
+    the model's own run) and to LangGraph's stream writer. Without a run, the custom event is
+    skipped."""
+    data = event.model_dump()
+    if run_manager is not None:
+        manager = CallbackManager(
+            handlers=run_manager.handlers,
+            inheritable_handlers=run_manager.inheritable_handlers,
+            parent_run_id=run_manager.run_id,
+            tags=run_manager.tags,
+            inheritable_tags=run_manager.inheritable_tags,
+            metadata=run_manager.metadata,
+            inheritable_metadata=run_manager.inheritable_metadata,
+        )
+        dispatch_custom_event(GATE_EVENT, data, config={"callbacks": manager})
+    writer = _graph_writer()
+    if writer is not None:
+        writer({GATE_EVENT: data})
+
+
+async def aemit_gate_event(
+    event: GateEvent, run_manager: AsyncCallbackManagerForLLMRun | None
+) -> None:
+    """:func:`emit_gate_event` for async runs."""
+    data = event.model_dump()
+    if run_manager is not None:
+        manager = AsyncCallbackManager(
+            handlers=run_manager.handlers,
+            inheritable_handlers=run_manager.inheritable_handlers,
+            parent_run_id=run_manager.run_id,
+            tags=run_manager.tags,
+            inheritable_tags=run_manager.inheritable_tags,
+            metadata=run_manager.metadata,
+            inheritable_metadata=run_manager.inheritable_metadata,
+        )
+        await adispatch_custom_event(GATE_EVENT, data, config={"callbacks": manager})
+    writer = _graph_writer()
+    if writer is not None:
+        writer({GATE_EVENT: data})
