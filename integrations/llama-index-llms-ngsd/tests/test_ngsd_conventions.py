@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from llama_index.core.tools import FunctionTool
 from llama_index.llms.ngsd import NGSD
 from llama_index.llms.ngsd.base import engine_options
 from llama_index.llms.ngsd.messages import to_chat_message, to_chat_messages, tool_schema
+
+from ngsd_guard import GateConfig, GuardConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +127,17 @@ def test_tool_schema_is_openai_style():
     assert schema["type"] == "function"
     assert schema["function"]["name"] == "multiply"
     assert set(schema["function"]["parameters"]["properties"]) == {"a", "b"}
+
+
+def test_repr_and_serialization_do_not_need_the_model():
+    llm = NGSD(config=GuardConfig(gate=GateConfig(threshold=0.5)), stop=["\n"])
+    assert "messages_to_prompt=ChatTemplate()" in repr(llm)
+    data = json.loads(llm.to_json())
+    assert data["class_name"] == "NGSD"
+    assert data["config"]["gate"]["threshold"] == 0.5 and data["stop"] == ["\n"]
+    assert llm._guarded is None
+
+
+def test_an_expert_model_needs_its_own_base():
+    with pytest.raises(ValueError, match="`expert`"):
+        _ = NGSD(expert="/models/my-expert").guarded

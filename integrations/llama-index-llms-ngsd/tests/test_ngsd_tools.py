@@ -8,7 +8,10 @@ from llama_index.core.agent.workflow import FunctionAgent, ToolCallResult
 from llama_index.core.base.llms.types import ChatMessage, TextBlock, ToolCallBlock
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
+from llama_index.llms.ngsd import NGSD
 from pydantic import BaseModel
+
+from ngsd_guard import GateConfig, GuardConfig, GuardedLM
 
 pytestmark = pytest.mark.slow
 
@@ -89,10 +92,18 @@ def test_predict_and_call_and_structured_predict(llm):
     assert isinstance(person, Person) and isinstance(person.age, int)
 
 
-async def test_function_agent_run_sends_gate_events(llm, gate_events):
+@pytest.fixture(scope="module")
+def always_firing() -> NGSD:
+    # threshold 0: the neuron fires on every token, also on the forced call's tokens, where
+    # the constraint leaves the two distributions too close for the 0.1 gate.
+    config = GuardConfig(gate=GateConfig(threshold=0.0), window=1)
+    return NGSD(guarded=GuardedLM.from_default(config=config), max_new_tokens=8)
+
+
+async def test_function_agent_run_sends_gate_events(always_firing, gate_events):
     agent = FunctionAgent(
         tools=TOOLS[:1],
-        llm=llm,
+        llm=always_firing,
         system_prompt="You are a calculator.",
         initial_tool_choice="multiply",
     )
@@ -102,5 +113,6 @@ async def test_function_agent_run_sends_gate_events(llm, gate_events):
     assert results and results[0].tool_name == "multiply"
     assert results[0].tool_output.content == str(6 * 7)
     assert output.response.content is not None
-    assert gate_events
+    assert len(gate_events) > 8  # the forced call alone is longer than 8 tokens
     assert all(e.span_id.startswith("NGSD.astream_chat-") for e in gate_events)
+    assert len({e.span_id for e in gate_events}) >= 2  # the call, then the answer

@@ -126,8 +126,8 @@ class NGSD(FunctionCallingLLM):
     )
     expert: str | None = Field(
         default="default",
-        description="with model='default': 'default' (the shipped expert) or 'prompted'; "
-        "otherwise a separate expert model sharing the tokenizer, or None",
+        description="'default' (the shipped expert, or the adapter / a safety prompt for "
+        "other models), 'prompted' (a safety prompt), or a separate expert model's path",
     )
     adapter: str | None = Field(
         default=None, description="a peft LoRA directory on the base, used as the expert"
@@ -153,8 +153,7 @@ class NGSD(FunctionCallingLLM):
         messages_to_prompt = kwargs.pop("messages_to_prompt", None)
         super().__init__(**kwargs)
         self._guarded = guarded
-        # The default renders through the tokenizer's chat template (see `_render`).
-        self.messages_to_prompt = messages_to_prompt or self._render
+        self.messages_to_prompt = messages_to_prompt or ChatTemplate(self)
 
     @classmethod
     def class_name(cls) -> str:
@@ -173,12 +172,18 @@ class NGSD(FunctionCallingLLM):
 
     def _load(self) -> GuardedLM:
         if self.model == "default":
-            return GuardedLM.from_default(
-                expert=self.expert or "default", device=self.device, config=self.config
-            )
+            expert = self.expert or "default"
+            if expert not in ("default", "prompted"):
+                raise ValueError(
+                    f"`expert` (={expert!r}) must be 'default' or 'prompted' with the default "
+                    "model; set `model` too to pair your own base and expert"
+                )
+            return GuardedLM.from_default(expert=expert, device=self.device, config=self.config)
+        # 'default' and 'prompted' mean no expert model: the adapter, else a safety prompt
+        expert = None if self.expert in (None, "default", "prompted") else self.expert
         return GuardedLM.from_pretrained(
             self.model,
-            expert=self.expert,
+            expert=expert,
             adapter=self.adapter,
             device=self.device,
             config=self.config,
@@ -203,10 +208,6 @@ class NGSD(FunctionCallingLLM):
 
     # -- prompts -------------------------------------------------------------------------
 
-    def _render(self, messages: Sequence[ChatMessage]) -> str:
-        """The default `messages_to_prompt`: the tokenizer's chat template, via the engine."""
-        return self.guarded.render(self._to_chat(messages))
-
     def _to_chat(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         # Templates that ignore `tool_calls` (ChatML) get the calls written into the text.
         template = self.guarded.tokenizer.chat_template or ""
@@ -218,7 +219,7 @@ class NGSD(FunctionCallingLLM):
         if tool_choice == "none":  # the model may not call tools: do not show them
             tools = None
         options = engine_options(self._defaults(), kwargs)
-        if self.messages_to_prompt != self._render:
+        if not isinstance(self.messages_to_prompt, ChatTemplate):
             if tools:
                 raise ValueError(
                     "tools need the chat template; NGSD with a custom `messages_to_prompt` "
@@ -433,6 +434,24 @@ class NGSD(FunctionCallingLLM):
                 yield _completion_response(chunk)
 
         return responses()
+
+
+class ChatTemplate:
+    """`NGSD`'s default `messages_to_prompt`: the tokenizer's chat template, via the engine.
+
+    With it, chat calls hand the engine the messages themselves, so a prompted expert sees
+    the conversation under its safety prompt; any other `messages_to_prompt` makes a text
+    prompt that both sides decode as it is.
+    """
+
+    def __init__(self, llm: NGSD) -> None:
+        self.llm = llm
+
+    def __call__(self, messages: Sequence[ChatMessage]) -> str:
+        return self.llm.guarded.render(self.llm._to_chat(messages))
+
+    def __repr__(self) -> str:  # not the LLM's repr, which shows this one
+        return "ChatTemplate()"
 
 
 class _Reporter:
