@@ -2,16 +2,15 @@
 
 Time: base alone is transformers ``generate`` (greedy, KV cache); guarded is
 ``GuardedLM.generate``; ``time_ratio = (guarded s/token) / (base s/token)``.
-Memory: on CUDA the peak allocated bytes of each side; on CPU the peak resident set of a fresh
-process that loads and runs each side (``ru_maxrss``), since torch's CPU allocator keeps no
-per-call statistics.
+Memory: the peak while generating, weights included. On CUDA the peak allocated bytes; on CPU
+the peak resident set (``VmHWM``) of a fresh process per side, reset after loading (Linux
+``clear_refs``), since torch's CPU allocator keeps no statistics.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -139,7 +138,7 @@ def _probe(
     lm = _load(kind, base, adapter if side == "guarded" else None, args)
     for prompt in BENCH_PROMPTS:
         if side == "base":
-            _base_generate(lm._handle.model, lm, prompt, args.max_new_tokens)
+            _base_generate(lm._base.handle.model, lm, prompt, args.max_new_tokens)
         else:
             lm.generate(prompt, max_new_tokens=args.max_new_tokens)
 
@@ -167,7 +166,17 @@ def _probe_main(argv: list[str]) -> None:
     side, kind, base, adapter, options = argv
     args = argparse.Namespace(**json.loads(options))
     _probe(side, kind, Path(base), Path(adapter) if adapter else None, args)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(_peak_rss_mb())
+
+
+def _peak_rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 if __name__ == "__main__":

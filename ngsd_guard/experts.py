@@ -3,14 +3,15 @@
 A :class:`Runner` turns token ids and a KV cache into fp32 next-token logits on the gate's
 device, sliced to the shared vocabulary. Three experts:
 
-- ``lora``: a peft LoRA adapter on the base weights (no second copy); the base runs with the
-  adapter disabled, the expert with it enabled.
+- ``lora``: a peft LoRA adapter on the base weights (no second copy); the base runs through a
+  module tree without the LoRA layers that shares every weight tensor.
 - ``model``: a separate, smaller model of the same family, on its own device.
 - ``prompted``: the base model itself, under a safety system prompt.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .errors import IncompatibleTokenizerError
@@ -36,43 +37,51 @@ Message = dict[str, object]
 
 
 class ModelHandle:
-    """One model in memory, its lock, and (for peft models) whether the adapter is enabled.
+    """One model in memory and the lock that its forwards hold.
 
-    Every forward holds the lock, so several threads may share one model safely, and the
-    adapter switch of one thread never leaks into another's forward.
+    The lock makes one model safe to share between threads whatever the backend; every call
+    has its own KV cache, so nothing else is shared.
     """
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.lock = threading.Lock()
         self.device = next(model.parameters()).device
-        self._adapter_enabled: bool | None = True if _is_peft(model) else None
-        inner = model.get_base_model() if _is_peft(model) else model
+        inner = model.get_base_model() if is_peft(model) else model
         parameters = inspect.signature(inner.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.keeps_logits = "logits_to_keep" in parameters
 
-    def set_adapter(self, enabled: bool | None) -> None:
-        """Enable or disable the LoRA layers (lock held by the caller)."""
-        if enabled is None or self._adapter_enabled is None or enabled == self._adapter_enabled:
-            return
-        if enabled:
-            self.model.base_model.enable_adapter_layers()
-        else:
-            self.model.base_model.disable_adapter_layers()
-        self._adapter_enabled = enabled
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """True for a peft ``PeftModel`` (the adapter-carrying wrapper)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
-def _is_peft(model: PreTrainedModel) -> bool:
-    return hasattr(model, "peft_config")
+def without_adapters(peft_model: torch.nn.Module) -> torch.nn.Module:
+    """The base model inside ``peft_model``, with every LoRA layer replaced by the layer it
+    wraps. The module tree is new but every parameter is the same tensor: no second copy of the
+    weights, and no adapter switch (a global state) between base and expert forwards.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def strip(module: torch.nn.Module) -> torch.nn.Module:
+        if isinstance(module, BaseTunerLayer):
+            return module.get_base_layer()
+        clone = copy.copy(module)
+        clone._modules = {name: strip(child) for name, child in module._modules.items()}
+        return clone
+
+    return strip(peft_model.get_base_model())
 
 
 @dataclass
 class Runner:
-    """Logits of one side (base or expert): a model handle, the adapter state, the vocab."""
+    """Logits of one side (base or expert): a model handle and the shared vocabulary size."""
 
     handle: ModelHandle
-    adapter: bool | None
     vocab_size: int
     out_device: torch.device
 
@@ -97,7 +106,6 @@ class Runner:
         if last_only and handle.keeps_logits:
             options["logits_to_keep"] = 1
         with handle.lock:
-            handle.set_adapter(self.adapter)
             out = handle.model(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),

@@ -26,7 +26,9 @@ from .experts import (
     Message,
     ModelHandle,
     Runner,
+    is_peft,
     shared_vocab_size,
+    without_adapters,
 )
 from .loading import (
     DEFAULT_MODEL_NAME,
@@ -57,33 +59,39 @@ class GuardedLM:
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        base: Runner,
+        expert: Expert | None,
         tokenizer: PreTrainedTokenizerBase,
         *,
-        expert: Expert | None,
+        eos_ids: Sequence[int],
         config: GuardConfig | None = None,
         alpha_policy: AlphaPolicy | None = None,
-        model_name: str | None = None,
+        model_name: str = "model",
     ) -> None:
+        """Use :meth:`from_default`, :meth:`from_pretrained` or :meth:`from_models`."""
         self.tokenizer = tokenizer
         self.config = config or GuardConfig()
         self.alpha_policy = alpha_policy
-        self.model_name = model_name or getattr(model.config, "name_or_path", "") or "model"
-        same_model = expert is not None and expert.kind in ("lora", "prompted")
-        self._handle = expert.runner.handle if same_model else ModelHandle(model)
-        vocab = min(shared_vocab_size(tokenizer), model.config.vocab_size)
-        if expert is not None:
-            vocab = min(vocab, expert.runner.vocab_size)
-            expert.runner.vocab_size = vocab
-        adapter = False if expert is not None and expert.kind == "lora" else None
-        self._base = Runner(self._handle, adapter, vocab, self._handle.device)
+        self.model_name = model_name
+        self._base = base
         self._expert = expert
-        eos = tokenizer.eos_token_id
-        configured = model.generation_config.eos_token_id if model.generation_config else None
-        configured = configured if isinstance(configured, list) else [configured]
-        self._eos_ids = list(dict.fromkeys(i for i in [eos, *configured] if i is not None))
+        self._eos_ids = list(eos_ids)
         if not self._eos_ids:
             raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token")
+
+    def with_options(
+        self, *, config: GuardConfig | None = None, alpha_policy: AlphaPolicy | None = None
+    ) -> GuardedLM:
+        """A GuardedLM sharing these models (no reload) with another config or alpha policy."""
+        return GuardedLM(
+            self._base,
+            self._expert,
+            self.tokenizer,
+            eos_ids=self._eos_ids,
+            config=config or self.config,
+            alpha_policy=alpha_policy or self.alpha_policy,
+            model_name=self.model_name,
+        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -160,23 +168,31 @@ class GuardedLM:
         """Guard models already in memory. A peft ``model`` makes its adapter the expert
         (kind ``lora``); else ``expert`` is a separate model (kind ``model``); else the base
         under ``safety_prompt`` (kind ``prompted``)."""
-        handle = ModelHandle(model)
         vocab = min(shared_vocab_size(tokenizer, expert_tokenizer), model.config.vocab_size)
-        if hasattr(model, "peft_config"):
-            spec = Expert(Runner(handle, True, vocab, handle.device), "lora")
+        if is_peft(model):
+            base = ModelHandle(without_adapters(model))
+            spec = Expert(Runner(ModelHandle(model), vocab, base.device), "lora")
         elif expert is not None:
+            base = ModelHandle(model)
             vocab = min(vocab, expert.config.vocab_size)
-            spec = Expert(Runner(ModelHandle(expert), None, vocab, handle.device), "model")
+            spec = Expert(Runner(ModelHandle(expert), vocab, base.device), "model")
         else:
-            runner = Runner(handle, None, vocab, handle.device)
-            spec = Expert(runner, "prompted", safety_prompt or SAFETY_PROMPT)
+            base = ModelHandle(model)
+            spec = Expert(
+                Runner(base, vocab, base.device), "prompted", safety_prompt or SAFETY_PROMPT
+            )
+        spec.runner.vocab_size = vocab
+        eos = [tokenizer.eos_token_id]
+        configured = getattr(model.generation_config, "eos_token_id", None)
+        eos += configured if isinstance(configured, list) else [configured]
         return cls(
-            model,
+            Runner(base, vocab, base.device),
+            spec,
             tokenizer,
-            expert=spec,
+            eos_ids=list(dict.fromkeys(i for i in eos if i is not None)),
             config=config,
             alpha_policy=alpha_policy,
-            model_name=model_name,
+            model_name=model_name or getattr(model.config, "name_or_path", "") or "model",
         )
 
     @classmethod
@@ -213,14 +229,14 @@ class GuardedLM:
 
     @property
     def context_window(self) -> int:
-        config = self._handle.model.config
+        config = self._base.handle.model.config
         return int(
             getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         )
 
     @property
     def device(self) -> torch.device:
-        return self._handle.device
+        return self._base.handle.device
 
     # ------------------------------------------------------------------ prompts
     def render(self, prompt: Prompt, *, tools: Sequence[dict[str, Any]] | None = None) -> str:

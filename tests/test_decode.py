@@ -156,6 +156,10 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
         peft_model, tokenizer, config=GuardConfig(gate=GateConfig(tau=4, threshold=0.5))
     )
     assert lm.expert_kind == "lora"
+    base_q = lm._base.handle.model.model.layers[0].self_attn.q_proj
+    peft_q = peft_model.get_base_model().model.layers[0].self_attn.q_proj
+    assert not hasattr(base_q, "lora_A") and hasattr(peft_q, "lora_A")
+    assert base_q.weight.data_ptr() == peft_q.base_layer.weight.data_ptr()  # one copy
     got = lm.generate(PROMPTS[0], max_new_tokens=16)
     ids = tokenizer(lm.render(PROMPTS[0]), add_special_tokens=False)["input_ids"]
 
