@@ -26,7 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         '{"prompt": ..., "label": "harmful"|"benign"}.',
     )
     parser.add_argument(
-        "--sets", default="advbench-test,xstest-safe,alpaca", help="comma-separated set names"
+        "--sets",
+        default="advbench-test,xstest-safe:100,alpaca",
+        help="comma-separated set names; NAME:N takes the first N prompts of that set",
     )
     parser.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
     parser.add_argument("--data-dir", type=Path, default=None, help="default: ../shared/data")
@@ -102,12 +104,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .sets import load_set
 
     data_dir = args.data_dir or default_data_dir()
-    sets = [
-        s
-        for name in args.sets.split(",")
-        if name
-        for s in load_set(name, data_dir, limit=args.limit)
-    ]
+    sets = []
+    for item in filter(None, args.sets.split(",")):
+        name, _, count = item.partition(":") if not item.endswith(".jsonl") else (item, "", "")
+        limit = int(count) if count else args.limit
+        sets += load_set(name, data_dir, limit=limit)
     lm = load_from_args(args)
     lm.alpha_policy = build_policy(args)
     results: list[dict[str, Any]] = []
