@@ -184,8 +184,10 @@ class JsonReader:
     def scores(self, lm: GuardedLM, requests: Sequence[str]) -> torch.Tensor:
         """(B, 4) scores S, A, E, T."""
         prompts = [lm.render(reflection_messages(r)) + "{" for r in requests]
+        # alpha=0 pins a fixed policy for this inner run: without it the model's own policy
+        # (this reader) would be asked again for the rating prompts, recursively.
         generations = lm.generate_batch(
-            prompts, raw=True, guard=False, max_new_tokens=self.max_new_tokens
+            prompts, raw=True, guard=False, alpha=0.0, max_new_tokens=self.max_new_tokens
         )
         rows = []
         for request, generation in zip(requests, generations, strict=True):

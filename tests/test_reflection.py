@@ -74,6 +74,7 @@ class FakeLM:
 
     def generate_batch(self, prompts, **options):
         assert options["guard"] is False and options["raw"] is True
+        assert options["alpha"] == 0.0  # a fixed policy: the reader must not recurse
         return [SimpleNamespace(text=self.replies[i]) for i in range(len(prompts))]
 
     def next_token_logprobs(self, texts):

@@ -71,7 +71,10 @@ def build_policy(args: argparse.Namespace):
     probe = args.probe
     if probe is None:
         adapter_probe = Path(args.adapter) / "probe.safetensors" if args.adapter else None
-        probe = adapter_probe if adapter_probe and adapter_probe.is_file() else SHIPPED_PROBE
+        if adapter_probe is not None and adapter_probe.is_file():
+            probe = adapter_probe
+        else:  # the shipped probe reads the default model's hidden states only
+            probe = SHIPPED_PROBE if args.model is None else Path("no-probe-for-this-model")
     if name == "default":
         name = "probe" if probe.is_file() and not args.prompted and args.alpha is None else "fixed"
     if name == "fixed":
