@@ -44,7 +44,7 @@ SAFETY_SYSTEM_PROMPT = (
 FALLBACK_REFUSAL = "I'm sorry, but I cannot help with that request. It could cause harm."
 """Used for a harmful seed when none of the base's samples is a refusal (counted in the log)."""
 
-BORDERLINE_FILE = Path(__file__).with_name("borderline_benign.json")
+BORDERLINE_FILE = Path(__file__).parents[1] / "data" / "training" / "borderline_benign.json"
 
 HARMFUL_TRAIN_IDS = range(0, 260)
 BENIGN_TRAIN_START = 100
