@@ -11,7 +11,7 @@ from .errors import (
     NGSDError,
     PromptError,
 )
-from .guarded import AsyncTokenStream, GuardedLM, TokenStream
+from .guarded import AsyncTokenStream, GenerateOptions, GuardedLM, TokenStream
 from .records import GateEvent, Generation, StepRecord, Summary
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "FixedAlpha",
     "GateConfig",
     "GateEvent",
+    "GenerateOptions",
     "Generation",
     "GuardConfig",
     "GuardedLM",

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import torch
 from transformers import PreTrainedModel
@@ -44,6 +44,25 @@ from .records import GateEvent, Generation, StepRecord, Summary
 Prompt = str | Sequence[Message]
 GateListener = Callable[[GateEvent], object] | Any
 """A callable taking a GateEvent, or an object with an ``on_gate(event)`` method."""
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Per-call options of :meth:`GuardedLM.stream` and its siblings."""
+
+    raw: bool
+    tools: Sequence[dict[str, Any]] | None
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: Sequence[str] | None
+    alpha: float | None
+    guard: bool
+    early_stop_after: int | None
+    constraint: TokenConstraint | None
+    listeners: Sequence[GateListener]
+
 
 _SHIPPED_EXPERT = Path(__file__).parent / "data" / "experts" / "smollm2-135m-instruct"
 
@@ -263,14 +282,16 @@ class GuardedLM:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt: Prompt, **options: Any) -> Generation:
+    def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Generation:
         """Guarded generation for one prompt. Options as in :meth:`stream`."""
         stream = self.stream(prompt, **options)
         for _ in stream:
             pass
         return stream.generation
 
-    def generate_batch(self, prompts: Sequence[Prompt], **options: Any) -> list[Generation]:
+    def generate_batch(
+        self, prompts: Sequence[Prompt], **options: Unpack[GenerateOptions]
+    ) -> list[Generation]:
         """Guarded generation for many prompts in one batch (left padding, per-row gates)."""
         if isinstance(prompts, str) or not prompts:
             raise PromptError("`prompts` must be a non-empty list of prompts")
@@ -329,14 +350,14 @@ class GuardedLM:
             )
         )
 
-    async def agenerate(self, prompt: Prompt, **options: Any) -> Generation:
+    async def agenerate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Generation:
         """:meth:`generate` in a worker thread; cancelling the caller stops generation."""
         stream = self.astream(prompt, **options)
         async for _ in stream:
             pass
         return stream.generation
 
-    def astream(self, prompt: Prompt, **options: Any) -> AsyncTokenStream:
+    def astream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> AsyncTokenStream:
         """:meth:`stream` as an async iterator; decoding runs in a worker thread."""
         return AsyncTokenStream(self.stream(prompt, **options))
 
