@@ -62,6 +62,12 @@ def test_recovery_prefix_is_cut_on_token_boundaries():
         recovery_response(compliant, refusal, 6)
 
 
+def test_end_of_turn_is_read_from_the_chat_template(tokenizer):
+    from ngsd_guard.training.data import end_of_turn_id
+
+    assert tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer)) == "<|im_end|>"
+
+
 def test_loss_mask_covers_only_the_refusal_and_distillation_only_benign():
     recovery = Example("recovery", "h", [1, 2, 3], [11, 12, 90, 91], loss_start=2)
     benign = Example("benign", "b", [1, 2], [40, 41, 42])
@@ -105,6 +111,8 @@ def test_build_dataset_on_a_handful_of_prompts(tokenizer):
     assert dataset.stats["refusals_by_base"] + dataset.stats["refusal_fallbacks"] == 3
     for ex in dataset.examples:
         assert ex.prompt_ids == render_ids(tokenizer, ex.prompt)
+        if ex.kind != "benign" and ex.response_ids[-1] in (1, 2):
+            assert ex.response_ids[-1] == 2  # <|im_end|>, never <|im_start|>
         if ex.kind == "recovery":
             assert 1 <= ex.loss_start <= 8
             assert is_refusal(tokenizer.decode(ex.response_ids[ex.loss_start :]))

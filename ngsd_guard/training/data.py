@@ -117,6 +117,24 @@ def render_ids(
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token the chat template closes an assistant turn with (``<|im_end|>`` for ChatML).
+
+    Read from the template itself rather than ``tokenizer.eos_token_id``, which some
+    conversions (GGUF) set to another special token.
+    """
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    answer = tokenizer("y", add_special_tokens=False)["input_ids"]
+    for start in range(len(ids) - len(answer), -1, -1):
+        if ids[start : start + len(answer)] == answer and start + len(answer) < len(ids):
+            return ids[start + len(answer)]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a chat template turn end nor an EOS token")
+    return tokenizer.eos_token_id
+
+
 @torch.no_grad()
 def generate_ids(
     model: PreTrainedModel,
@@ -128,8 +146,9 @@ def generate_ids(
     seed: int = 0,
     batch_size: int = 32,
 ) -> list[list[int]]:
-    """Batched left-padded generation; each answer ends with EOS when it finished."""
-    eos = tokenizer.eos_token_id
+    """Batched left-padded generation; each answer ends with the end-of-turn token when it
+    finished (:func:`end_of_turn_id`)."""
+    eos = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
     answers: list[list[int]] = []
@@ -211,7 +230,7 @@ def build_dataset(
     """Let the base write refusals, compliant answers and benign answers; assemble examples."""
     config = config or BuildConfig()
     rng = random.Random(config.seed)
-    eos = tokenizer.eos_token_id
+    eos = end_of_turn_id(tokenizer)
     harmful_ids = [render_ids(tokenizer, p) for p in seeds.harmful]
     safe_ids = [render_ids(tokenizer, p, SAFETY_SYSTEM_PROMPT) for p in seeds.harmful]
 
