@@ -42,7 +42,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     gate.add_argument("--soft-reset", type=float, default=0.6)
     gate.add_argument("--alpha", type=float, default=None, help="fixed alpha (default: policy)")
     gate.add_argument("--top-k-union", type=int, default=64)
-    gate.add_argument("--window", type=int, default=8, help="expert verification window")
+    gate.add_argument(
+        "--window",
+        type=int,
+        default=GuardConfig.model_fields["window"].default,
+        help="tokens the base drafts before the expert verifies them (1: step by step)",
+    )
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--max-new-tokens", type=int, default=128)
     decoding.add_argument("--temperature", type=float, default=0.0)

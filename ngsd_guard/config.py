@@ -92,4 +92,4 @@ class GuardConfig(_Frozen):
     gate: GateConfig = GateConfig()
     intervention: InterventionConfig = InterventionConfig()
     decoding: DecodingConfig = DecodingConfig()
-    window: int = Field(8, ge=1, le=64)
+    window: int = Field(16, ge=1, le=64)

@@ -49,7 +49,11 @@ class RowResult:
 
 
 class _Side:
-    """One model's decoding state: runner, KV cache, attention mask, next positions, logits."""
+    """One model's decoding state: runner, KV cache, attention mask, next positions, logits.
+
+    The prompt is fed lazily: by :meth:`prefill`, or together with the first tokens that
+    :meth:`score` is given, which saves the expert a separate prompt forward.
+    """
 
     def __init__(self, runner: Runner, prompts: Sequence[Sequence[int]], pad_id: int) -> None:
         self.runner = runner
@@ -63,33 +67,54 @@ class _Side:
         self.mask = mask
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         self.next_position = positions[:, -1] + 1
-        self.prefill_ids, self.prefill_positions = ids, positions
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = (ids, positions)
+        self.logits = torch.empty(0)  # (B, V): the next position's logits, once known
 
     def prefill(self, hidden: bool = False) -> torch.Tensor | None:
+        """Feed the prompt; returns the last hidden state if asked."""
+        assert self.pending is not None
+        ids, positions = self.pending
+        self.pending = None
         logits, last_hidden = self.runner.forward(
-            self.prefill_ids,
-            self.mask,
-            self.prefill_positions,
-            self.cache,
-            hidden=hidden,
-            last_only=True,
+            ids, self.mask, positions, self.cache, hidden=hidden, keep=1
         )
         self.logits = logits[:, -1]
         return last_hidden
 
+    def score(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed (B, T) tokens; (B, T, V) logits of the positions they fill (the distribution
+        each was chosen from)."""
+        if self.pending is None:
+            out = self.feed(tokens)
+            scored = torch.cat([self.logits.unsqueeze(1), out[:, :-1]], 1)
+        else:
+            ids, positions = self.pending
+            self.pending = None
+            count = tokens.shape[1]
+            self.mask = torch.cat([self.mask, torch.ones_like(tokens)], -1)
+            positions = torch.cat(
+                [positions, self.next_position.unsqueeze(-1) + torch.arange(count)], -1
+            )
+            out, _ = self.runner.forward(
+                torch.cat([ids, tokens], -1), self.mask, positions, self.cache, keep=count + 1
+            )
+            self.next_position = self.next_position + count
+            scored = out[:, :-1]
+        self.logits = out[:, -1]
+        return scored
+
     def feed(
-        self, tokens: torch.Tensor, visible: torch.Tensor | None = None, last_only: bool = False
+        self, tokens: torch.Tensor, visible: torch.Tensor | None = None, keep: int = 0
     ) -> torch.Tensor:
-        """Feed (B, T) tokens; ``visible`` (B,) False feeds a masked dummy. (B, T, V) logits."""
+        """Feed (B, T) tokens; ``visible`` (B,) False feeds a masked dummy. (B, T, V) logits,
+        or the last ``keep`` positions' only."""
         rows, count = tokens.shape
         new_mask = torch.ones((rows, count), dtype=torch.long)
         if visible is not None:
             new_mask &= visible.long().unsqueeze(-1)
         positions = self.next_position.unsqueeze(-1) + torch.arange(count)
         self.mask = torch.cat([self.mask, new_mask], dim=-1)
-        logits, _ = self.runner.forward(
-            tokens, self.mask, positions, self.cache, last_only=last_only
-        )
+        logits, _ = self.runner.forward(tokens, self.mask, positions, self.cache, keep=keep)
         self.next_position = self.next_position + new_mask.sum(-1)
         return logits
 
@@ -175,10 +200,7 @@ def decode(
     alpha, potential = assess(hidden if hidden is not None else torch.zeros(rows, 0))
     alpha_values = alpha.tolist()
     alpha = alpha.to(device, torch.float32)
-    expert_side = None
-    if expert is not None:
-        expert_side = _Side(expert, expert_prompts, pad_id)
-        expert_side.prefill()
+    expert_side = _Side(expert, expert_prompts, pad_id) if expert is not None else None
     divergence_fn = DIVERGENCES[config.divergence]
     gate = make_gate(config.gate)
     state = gate.initial_state(rows, device, potential.to(device))
@@ -221,7 +243,7 @@ def decode(
             base_logits.append(logits)
             allowed.append(masks)
             drafting = drafting & ~torch.isin(token, eos)
-            base_side.logits = base_side.feed(token.unsqueeze(-1), last_only=True)[:, -1]
+            base_side.logits = base_side.feed(token.unsqueeze(-1), keep=1)[:, -1]
             if not bool(drafting.any()):
                 k = i + 1
                 break
@@ -231,9 +253,7 @@ def decode(
         if expert_side is None:
             table = _quiet_window(draft, state)
         else:
-            scored = expert_side.feed(draft)  # (B, k, V): positions t+1 .. t+k
-            expert_logits = torch.cat([expert_side.logits.unsqueeze(1), scored[:, :-1]], 1)
-            expert_side.logits = scored[:, -1]
+            expert_logits = expert_side.score(draft)  # (B, k, V)
             if allowed[0] is not None:
                 masks = torch.stack(allowed, 1)
                 expert_logits = expert_logits.masked_fill(~masks, float("-inf"))
@@ -410,7 +430,7 @@ def _roll_back(
                 side.drop_tail(row, dropped)
     for side in (base_side, expert_side):
         if side is not None:
-            logits = side.feed(tokens, visible, last_only=True)[:, -1]
+            logits = side.feed(tokens, visible, keep=1)[:, -1]
             side.logits = torch.where(visible.to(logits.device).unsqueeze(-1), logits, side.logits)
 
 

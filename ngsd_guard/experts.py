@@ -94,17 +94,17 @@ class Runner:
         cache: DynamicCache,
         *,
         hidden: bool = False,
-        last_only: bool = False,
+        keep: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T) ids -> ((B, T, V) fp32 logits, (B, H) fp32 last hidden state or None).
+        """(B, T) ids -> ((B, T', V) fp32 logits, (B, H) fp32 last hidden state or None).
 
-        ``last_only`` computes the logits of the last position only: (B, 1, V).
+        ``keep`` > 0 computes the logits of the last ``keep`` positions only (T' = keep).
         """
         handle = self.handle
         device = handle.device
         options: dict[str, object] = {handle.cache_argument: cache}
-        if last_only and handle.keeps_logits:
-            options["logits_to_keep"] = 1
+        if keep and handle.keeps_logits:
+            options["logits_to_keep"] = keep
         with handle.lock:
             out = handle.model(
                 input_ids=input_ids.to(device),
@@ -114,7 +114,8 @@ class Runner:
                 output_hidden_states=hidden,
                 **options,
             )
-        logits = out.logits[..., : self.vocab_size].to(self.out_device, torch.float32)
+        logits = out.logits[:, -keep:] if keep else out.logits
+        logits = logits[..., : self.vocab_size].to(self.out_device, torch.float32)
         last_hidden = (
             out.hidden_states[-1][:, -1].to(self.out_device, torch.float32) if hidden else None
         )
