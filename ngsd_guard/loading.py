@@ -133,8 +133,7 @@ def load_model(
     path: Path, *, device: torch.device, dtype: torch.dtype, gguf_file: str | None = None
 ) -> PreTrainedModel:
     """A causal LM in eval mode on ``device``."""
-    if gguf_file is not None and not (path / gguf_file).is_file():
-        raise ModelNotFoundError(f"GGUF file {gguf_file!r} not found in {path}")
+    _check_gguf(path, gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
         path, gguf_file=gguf_file, dtype=dtype, local_files_only=True
     )
@@ -142,4 +141,10 @@ def load_model(
 
 
 def load_tokenizer(path: Path, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    _check_gguf(path, gguf_file)
     return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, local_files_only=True)
+
+
+def _check_gguf(path: Path, gguf_file: str | None) -> None:
+    if gguf_file is not None and not (path / gguf_file).is_file():
+        raise ModelNotFoundError(f"GGUF file {gguf_file!r} not found in {path}")
