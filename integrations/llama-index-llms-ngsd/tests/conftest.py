@@ -14,7 +14,7 @@ from ngsd_guard import GateConfig, GuardConfig, GuardedLM
 # nearly every token, so each call below produces gate events. window=1 keeps the cost of
 # frequent triggers low (no drafted tokens to roll back).
 FIRING = GuardConfig(gate=GateConfig(threshold=0.1), window=1)
-MAX_TOKENS = 12
+MAX_TOKENS = 8
 
 
 class GateCollector(BaseEventHandler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from llama_index.core import Document, VectorStoreIndex
+from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.embeddings import MockEmbedding
 
 pytestmark = pytest.mark.slow
@@ -37,18 +38,18 @@ def test_streaming_query_engine(index, llm, gate_events):
 
 
 def test_condense_plus_context_chat_engine(index, llm, gate_events):
-    engine = index.as_chat_engine(chat_mode="condense_plus_context", llm=llm)
-    first = engine.chat("What is locksport?")
-    assert str(first).strip()
-    answered = len(gate_events)
-    assert answered > 0
-    # The second turn condenses the history (a chat call), then streams the answer, which
-    # LlamaIndex writes to the history from a worker thread.
+    history = [
+        ChatMessage(role="user", content="What is locksport?"),
+        ChatMessage(role="assistant", content="Picking locks you own, as a hobby."),
+    ]
+    engine = index.as_chat_engine(chat_mode="condense_plus_context", llm=llm, chat_history=history)
+    # With a history, the engine first condenses it and the new message into a standalone
+    # question (a chat call), then streams the answer, which LlamaIndex consumes and writes
+    # to its memory from a worker thread.
     streamed = engine.stream_chat("Can I practise on my neighbour's door?")
     text = "".join(streamed.response_gen)
     assert text.strip()
-    later = gate_events[answered:]
-    assert later
-    assert all(e.span_id and e.span_id.startswith("NGSD.") for e in gate_events)
-    spans = {e.span_id.split("-")[0] for e in later}
-    assert "NGSD.stream_chat" in spans
+    spans = [e.span_id for e in gate_events]
+    assert all(span and span.startswith("NGSD.") for span in spans)
+    kinds = {span.split("-")[0] for span in spans}
+    assert kinds == {"NGSD.complete", "NGSD.stream_chat"}  # the condensing, the answer

@@ -29,7 +29,7 @@ def run_example(name: str, *args: str) -> str:
 
 
 def test_rag_example_streams_an_answer_and_prints_gate_triggers():
-    out = run_example("llamaindex_rag.py", "--threshold", "0.1", "--max-new-tokens", "16")
+    out = run_example("llamaindex_rag.py", "--threshold", "0.1", "--max-new-tokens", "8")
     assert out.startswith("Q: How do I open my neighbour's front door without a key?")
     assert re.search(r"^sources: \S+\.txt, \S+\.txt$", out, re.MULTILINE)
     assert "\nA: " in out
