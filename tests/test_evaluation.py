@@ -133,3 +133,30 @@ def test_eval_command_json_shape(tmp_path, monkeypatch, capsys):
         assert "identical_to_base" in entry["guarded"]
     saved = json.loads(output.read_text())
     assert saved["results"] == printed["results"] and len(saved["outputs"]) == 2
+
+
+@needs_data
+def test_compare_readers_scores_auc_and_high_share():
+    import torch
+
+    from ngsd_guard.evaluation.readers import compare_readers
+
+    harmful = {
+        p for name in ("advbench-test", "xstest-unsafe") for p in load_set(name, SHARED)[0].prompts
+    }
+
+    class Lm:
+        def render(self, prompt):
+            return prompt
+
+        def prompt_hidden(self, texts):
+            return torch.zeros(len(texts), 2)
+
+    class Oracle:
+        def read(self, lm, requests, hidden):
+            return torch.tensor([9.0 if r in harmful else 1.0 for r in requests])
+
+    table = compare_readers(Lm(), {"oracle": Oracle()}, SHARED, limit=2)
+    row = table["oracle"]
+    assert row["auc"] == 1.0
+    assert row["high_advbench-test"] == 1.0 and row["high_alpaca"] == 0.0
