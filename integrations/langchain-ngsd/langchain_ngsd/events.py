@@ -21,7 +21,12 @@ from langchain_core.callbacks import (
     adispatch_custom_event,
     dispatch_custom_event,
 )
-from langchain_core.runnables.config import var_child_runnable_config
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import (
+    ensure_config,
+    get_callback_manager_for_config,
+    var_child_runnable_config,
+)
 
 from ngsd_guard import GateEvent
 
@@ -79,22 +84,38 @@ def _graph_writer() -> Callable[[Any], None] | None:
     return get_stream_writer()
 
 
+def _model_run_manager(run_manager: Any, manager_class: type) -> Any:
+    """A callback manager whose parent is the model's own run, with all its handlers (also the
+    model's local ones)."""
+    return manager_class(
+        handlers=run_manager.handlers,
+        inheritable_handlers=run_manager.inheritable_handlers,
+        parent_run_id=run_manager.run_id,
+        tags=run_manager.tags,
+        inheritable_tags=run_manager.inheritable_tags,
+        metadata=run_manager.metadata,
+        inheritable_metadata=run_manager.inheritable_metadata,
+    )
+
+
+def _has_parent_run() -> bool:
+    return get_callback_manager_for_config(ensure_config()).parent_run_id is not None
+
+
 def emit_gate_event(event: GateEvent, run_manager: CallbackManagerForLLMRun | None) -> None:
-    """Send one spike to the model run's handlers (as custom event ``ngsd_gate``, parented to
-    the model's own run) and to LangGraph's stream writer. Without a run, the custom event is
-    skipped."""
+    """Send one spike as custom event ``ngsd_gate`` and to LangGraph's stream writer.
+
+    With the model's run manager (``invoke``), the event is parented to the model's own run
+    and reaches all its handlers. LangChain's ``stream`` does not hand the run manager to
+    ``_stream``: then the event goes to the enclosing run (the chain step calling the model),
+    and is skipped quietly when there is none.
+    """
     data = event.model_dump()
     if run_manager is not None:
-        manager = CallbackManager(
-            handlers=run_manager.handlers,
-            inheritable_handlers=run_manager.inheritable_handlers,
-            parent_run_id=run_manager.run_id,
-            tags=run_manager.tags,
-            inheritable_tags=run_manager.inheritable_tags,
-            metadata=run_manager.metadata,
-            inheritable_metadata=run_manager.inheritable_metadata,
-        )
-        dispatch_custom_event(GATE_EVENT, data, config={"callbacks": manager})
+        config: RunnableConfig = {"callbacks": _model_run_manager(run_manager, CallbackManager)}
+        dispatch_custom_event(GATE_EVENT, data, config=config)
+    elif _has_parent_run():
+        dispatch_custom_event(GATE_EVENT, data)
     writer = _graph_writer()
     if writer is not None:
         writer({GATE_EVENT: data})
@@ -106,16 +127,10 @@ async def aemit_gate_event(
     """:func:`emit_gate_event` for async runs."""
     data = event.model_dump()
     if run_manager is not None:
-        manager = AsyncCallbackManager(
-            handlers=run_manager.handlers,
-            inheritable_handlers=run_manager.inheritable_handlers,
-            parent_run_id=run_manager.run_id,
-            tags=run_manager.tags,
-            inheritable_tags=run_manager.inheritable_tags,
-            metadata=run_manager.metadata,
-            inheritable_metadata=run_manager.inheritable_metadata,
-        )
+        manager = _model_run_manager(run_manager, AsyncCallbackManager)
         await adispatch_custom_event(GATE_EVENT, data, config={"callbacks": manager})
+    elif _has_parent_run():
+        await adispatch_custom_event(GATE_EVENT, data)
     writer = _graph_writer()
     if writer is not None:
         writer({GATE_EVENT: data})
