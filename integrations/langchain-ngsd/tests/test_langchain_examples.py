@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # uses the real default model
+
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from langchain_ngsd import ChatNGSD
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
@@ -26,6 +27,7 @@ class TestChatNGSDUnit(ChatModelUnitTests):
         return True
 
 
+@pytest.mark.slow  # uses the real default model
 class TestChatNGSDIntegration(ChatModelIntegrationTests):
     @property
     def chat_model_class(self) -> type[ChatNGSD]:
