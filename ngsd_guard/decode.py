@@ -49,10 +49,10 @@ class RowResult:
 
 
 class _Side:
-    """One model's decoding state: runner, KV cache, attention mask, next positions, logits.
+    """One model's decoding state: runner, KV cache, attention mask and next positions.
 
-    The prompt is fed lazily: by :meth:`prefill`, or together with the first tokens that
-    :meth:`score` is given, which saves the expert a separate prompt forward.
+    The prompt is fed lazily, together with the first tokens given to :meth:`feed`: the expert
+    never needs a forward of its own for the prompt.
     """
 
     def __init__(self, runner: Runner, prompts: Sequence[Sequence[int]], pad_id: int) -> None:
@@ -67,56 +67,26 @@ class _Side:
         self.mask = mask
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         self.next_position = positions[:, -1] + 1
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = (ids, positions)
-        self.logits = torch.empty(0)  # (B, V): the next position's logits, once known
-
-    def prefill(self, hidden: bool = False) -> torch.Tensor | None:
-        """Feed the prompt; returns the last hidden state if asked."""
-        assert self.pending is not None
-        ids, positions = self.pending
-        self.pending = None
-        logits, last_hidden = self.runner.forward(
-            ids, self.mask, positions, self.cache, hidden=hidden, keep=1
-        )
-        self.logits = logits[:, -1]
-        return last_hidden
-
-    def score(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed (B, T) tokens; (B, T, V) logits of the positions they fill (the distribution
-        each was chosen from)."""
-        if self.pending is None:
-            out = self.feed(tokens)
-            scored = torch.cat([self.logits.unsqueeze(1), out[:, :-1]], 1)
-        else:
-            ids, positions = self.pending
-            self.pending = None
-            count = tokens.shape[1]
-            self.mask = torch.cat([self.mask, torch.ones_like(tokens)], -1)
-            positions = torch.cat(
-                [positions, self.next_position.unsqueeze(-1) + torch.arange(count)], -1
-            )
-            out, _ = self.runner.forward(
-                torch.cat([ids, tokens], -1), self.mask, positions, self.cache, keep=count + 1
-            )
-            self.next_position = self.next_position + count
-            scored = out[:, :-1]
-        self.logits = out[:, -1]
-        return scored
+        self.prompt: tuple[torch.Tensor, torch.Tensor] | None = (ids, positions)
 
     def feed(
-        self, tokens: torch.Tensor, visible: torch.Tensor | None = None, keep: int = 0
-    ) -> torch.Tensor:
-        """Feed (B, T) tokens; ``visible`` (B,) False feeds a masked dummy. (B, T, V) logits,
-        or the last ``keep`` positions' only."""
-        rows, count = tokens.shape
-        new_mask = torch.ones((rows, count), dtype=torch.long)
-        if visible is not None:
-            new_mask &= visible.long().unsqueeze(-1)
+        self, tokens: torch.Tensor, *, keep: int, hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed (B, T) tokens (after the prompt, if it is still unfed); the logits of the last
+        ``keep`` positions (B, keep, V), and the last hidden state if asked."""
+        count = tokens.shape[1]
         positions = self.next_position.unsqueeze(-1) + torch.arange(count)
-        self.mask = torch.cat([self.mask, new_mask], dim=-1)
-        logits, _ = self.runner.forward(tokens, self.mask, positions, self.cache, keep=keep)
-        self.next_position = self.next_position + new_mask.sum(-1)
-        return logits
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], -1)
+        if self.prompt is not None:
+            prompt_ids, prompt_positions = self.prompt
+            self.prompt = None
+            tokens = torch.cat([prompt_ids, tokens], -1)
+            positions = torch.cat([prompt_positions, positions], -1)
+        logits, last_hidden = self.runner.forward(
+            tokens, self.mask, positions, self.cache, hidden=hidden, keep=keep
+        )
+        self.next_position = self.next_position + count
+        return logits, last_hidden
 
     def drop_tail(self, row: int, count: int) -> None:
         """Hide the last ``count`` fed tokens of ``row`` from every later query."""
@@ -196,7 +166,8 @@ def decode(
     eos = torch.tensor(list(eos_ids), device=device)
 
     base_side = _Side(base, base_prompts, pad_id)
-    hidden = base_side.prefill(hidden=want_hidden)
+    empty = torch.zeros((rows, 0), dtype=torch.long)
+    first_logits, hidden = base_side.feed(empty, keep=1, hidden=want_hidden)
     alpha, potential = assess(hidden if hidden is not None else torch.zeros(rows, 0))
     alpha_values = alpha.tolist()
     alpha = alpha.to(device, torch.float32)
@@ -204,12 +175,15 @@ def decode(
     divergence_fn = DIVERGENCES[config.divergence]
     gate = make_gate(config.gate)
     state = gate.initial_state(rows, device, potential.to(device))
-    window = config.window if expert is not None else 1
-    u = uniforms(rows, decoding.max_new_tokens + window, decoding.seed)
+    max_window = config.window if expert is not None else 1
+    window = max_window
+    u = uniforms(rows, decoding.max_new_tokens + max_window, decoding.seed)
 
     results = [RowResult() for _ in range(rows)]
     texts = [_Text(tokenizer, decoding.stop) for _ in range(rows)]
     finished = [False] * rows
+    # The last kept token of each row, fed to neither model yet (None before the first).
+    pending: torch.Tensor | None = None
     while not all(finished):
         if cancel.is_set():
             for row in range(rows):
@@ -226,11 +200,16 @@ def decode(
         k = min(window, left)
         done = torch.tensor(finished, device=device)
 
-        # 1. Draft: k base steps, as if the gate stayed quiet.
+        # 1. Draft: k base steps, as if the gate stayed quiet. Each step feeds the previous
+        #    token; the last draft token stays unfed, so a replaced token costs no forward.
         drafts, base_logits, allowed = [], [], []
         drafting = ~done
         for i in range(k):
-            logits = base_side.logits
+            previous = drafts[-1] if drafts else pending
+            if previous is None:
+                logits = first_logits[:, -1]
+            else:
+                logits = base_side.feed(previous.unsqueeze(-1), keep=1)[0][:, -1]
             masks = _allowed(constraints, results, drafts, drafting, eos_ids, logits.shape[-1])
             if masks is not None:
                 logits = logits.masked_fill(~masks, float("-inf"))
@@ -243,17 +222,21 @@ def decode(
             base_logits.append(logits)
             allowed.append(masks)
             drafting = drafting & ~torch.isin(token, eos)
-            base_side.logits = base_side.feed(token.unsqueeze(-1), keep=1)[:, -1]
             if not bool(drafting.any()):
                 k = i + 1
                 break
         draft = torch.stack(drafts, dim=1)  # (B, k)
 
-        # 2. Verify: the expert scores the window in one forward.
+        # 2. Verify: the expert scores the window in one forward of the same tokens.
         if expert_side is None:
             table = _quiet_window(draft, state)
         else:
-            expert_logits = expert_side.score(draft)  # (B, k, V)
+            fed = (
+                draft[:, :-1]
+                if pending is None
+                else torch.cat([pending[:, None], draft[:, :-1]], 1)
+            )
+            expert_logits = expert_side.feed(fed, keep=k)[0]  # (B, k, V)
             if allowed[0] is not None:
                 masks = torch.stack(allowed, 1)
                 expert_logits = expert_logits.masked_fill(~masks, float("-inf"))
@@ -275,12 +258,14 @@ def decode(
                 eos,
             )
         acc_t, draft_t, chosen_t, div_t, spike_t, pot_t, d_t = table
-        rollback: dict[int, tuple[int, int]] = {}
+        last_kept = draft[:, -1].clone()
+        replaced = False
         for row in range(rows):
             for i in range(k):
                 if not acc_t[row][i] or finished[row]:
                     break
                 token = chosen_t[row][i]
+                last_kept[row] = token
                 result = results[row]
                 result.token_ids.append(token)
                 n = len(result.token_ids)
@@ -305,7 +290,11 @@ def decode(
                     result.finish_reason = reason
                     result.text = texts[row].emitted
                 if div_t[row][i] and reason is None:
-                    rollback[row] = (k - i, token)
+                    # Drop the draft tokens fed after position i; y_i becomes pending.
+                    replaced = True
+                    for side in (base_side, expert_side):
+                        if side is not None and k - 1 - i > 0:
+                            side.drop_tail(row, k - 1 - i)
                 yield StepRecord(
                     row=row,
                     step=n - 1,
@@ -320,8 +309,9 @@ def decode(
                     intervened=bool(div_t[row][i]),
                     finish_reason=reason,
                 )
-        if rollback and not all(finished):
-            _roll_back(rollback, rows, pad_id, base_side, expert_side)
+        pending = last_kept
+        # Shorter windows while the expert keeps intervening, longer while it is quiet.
+        window = max(1, window // 2) if replaced else min(max_window, window * 2)
 
     for row, result in enumerate(results):
         if result.finish_reason is None:
@@ -410,28 +400,6 @@ def _replay(
         )
     ]
     return new_state, table
-
-
-def _roll_back(
-    rollback: dict[int, tuple[int, int]],
-    rows: int,
-    pad_id: int,
-    base_side: _Side,
-    expert_side: _Side | None,
-) -> None:
-    """Drop each rejected row's draft tail and feed its intervened token to both models."""
-    tokens = torch.full((rows, 1), pad_id, dtype=torch.long)
-    visible = torch.zeros(rows, dtype=torch.bool)
-    for row, (dropped, token) in rollback.items():
-        tokens[row, 0] = token
-        visible[row] = True
-        for side in (base_side, expert_side):
-            if side is not None:
-                side.drop_tail(row, dropped)
-    for side in (base_side, expert_side):
-        if side is not None:
-            logits = side.feed(tokens, visible, keep=1)[:, -1]
-            side.logits = torch.where(visible.to(logits.device).unsqueeze(-1), logits, side.logits)
 
 
 def _at(u: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -365,17 +365,21 @@ class GuardedLM:
     @torch.no_grad()
     def next_token_logprobs(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, V) fp32 log-probabilities of the base's next token after each raw text."""
-        side = _Side(self._base, [self._checked_ids(t) for t in texts], self._eos_ids[0])
-        side.prefill()
-        return torch.log_softmax(side.logits, dim=-1)
+        logits, _ = self._prefill(texts, hidden=False)
+        return torch.log_softmax(logits[:, -1], dim=-1)
 
     @torch.no_grad()
     def prompt_hidden(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, H) fp32 last-layer hidden state of the base at each raw text's last token."""
-        side = _Side(self._base, [self._checked_ids(t) for t in texts], self._eos_ids[0])
-        hidden = side.prefill(hidden=True)
+        _, hidden = self._prefill(texts, hidden=True)
         assert hidden is not None
         return hidden
+
+    def _prefill(
+        self, texts: Sequence[str], *, hidden: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        side = _Side(self._base, [self._checked_ids(t) for t in texts], self._eos_ids[0])
+        return side.feed(torch.zeros((len(texts), 0), dtype=torch.long), keep=1, hidden=hidden)
 
     def _checked_ids(self, text: str) -> list[int]:
         if not isinstance(text, str) or not text.strip():
