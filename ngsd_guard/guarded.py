@@ -201,7 +201,7 @@ class GuardedLM:
                 Runner(base, vocab, base.device), "prompted", safety_prompt or SAFETY_PROMPT
             )
         spec.runner.vocab_size = vocab
-        eos = [tokenizer.eos_token_id]
+        eos = [tokenizer.eos_token_id, _turn_start(tokenizer)]
         configured = getattr(model.generation_config, "eos_token_id", None)
         eos += configured if isinstance(configured, list) else [configured]
         return cls(
@@ -230,6 +230,10 @@ class GuardedLM:
         adapter = None
         if expert == "default" and (_SHIPPED_EXPERT / "adapter_config.json").is_file():
             adapter = _SHIPPED_EXPERT
+            if alpha_policy is None:
+                from .reflection import default_policy
+
+                alpha_policy = default_policy()
         lm = cls.from_pretrained(
             default_model_dir(),
             adapter=adapter,
@@ -678,6 +682,18 @@ def _messages(prompt: Prompt) -> list[Message]:
     if not any(str(m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
         raise PromptError("every message in `prompt` is empty")
     return messages
+
+
+def _turn_start(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token that opens a new turn in the chat template (ChatML's
+    ``<|im_start|>``): an answer that reaches it is over, whatever the EOS token says."""
+    if not tokenizer.chat_template:
+        return None
+    conversation = [{"role": "user", "content": "x"}]
+    closed = tokenizer.apply_chat_template(conversation, tokenize=False)
+    opened = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(opened[len(closed) :], add_special_tokens=False)["input_ids"]
+    return ids[0] if ids and ids[0] in tokenizer.all_special_ids else None
 
 
 def _with_system(messages: list[Message], text: str) -> list[Message]:
