@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import DynamicCache
 
 from ngsd_guard import GateConfig, GuardConfig, GuardedLM, InterventionConfig
 
@@ -310,3 +311,23 @@ def test_closing_a_sync_stream_cancels(tiny_base, tiny_expert, tokenizer):
     next(iter(stream))
     stream.close()
     assert lm.generate(PROMPTS[0], max_new_tokens=4).summary.tokens == 4
+
+
+def test_probabilities_are_fp32_whatever_the_model_dtype(tiny_base, tiny_expert, tokenizer):
+    import copy
+
+    base = copy.deepcopy(tiny_base).to(torch.bfloat16)
+    expert = copy.deepcopy(tiny_expert).to(torch.bfloat16)
+    lm = guarded(base, tokenizer, expert, gate=GateConfig(threshold=0.8))
+    run = lm._run([PROMPTS[0]])
+    side_logits, _ = lm._base.forward(
+        torch.tensor([run.base_ids[0]]),
+        torch.ones(1, len(run.base_ids[0]), dtype=torch.long),
+        torch.arange(len(run.base_ids[0])).unsqueeze(0),
+        DynamicCache(),
+        keep=1,
+    )
+    assert side_logits.dtype == torch.float32
+    result = lm.generate(PROMPTS[0], max_new_tokens=12)
+    assert all(0.0 <= r.divergence <= 1.0 for r in result.records)
+    assert result.summary.mean_divergence > 0
