@@ -304,24 +304,7 @@ class GuardedLM:
             pass
         return run.generations
 
-    def stream(
-        self,
-        prompt: Prompt,
-        *,
-        raw: bool = False,
-        tools: Sequence[dict[str, Any]] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        alpha: float | None = None,
-        guard: bool = True,
-        early_stop_after: int | None = None,
-        constraint: TokenConstraint | None = None,
-        listeners: Sequence[GateListener] = (),
-    ) -> TokenStream:
+    def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> TokenStream:
         """Stream one StepRecord per generated token; ``.generation`` holds the result after.
 
         Args:
@@ -335,24 +318,7 @@ class GuardedLM:
             constraint: restricts the tokens allowed next (forced tool calls, JSON).
             listeners: callables or objects with ``on_gate`` receiving every GateEvent.
         """
-        return TokenStream(
-            self._run(
-                [prompt],
-                raw=raw,
-                tools=tools,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                seed=seed,
-                stop=stop,
-                alpha=alpha,
-                guard=guard,
-                early_stop_after=early_stop_after,
-                constraint=constraint,
-                listeners=listeners,
-            )
-        )
+        return TokenStream(self._run([prompt], **options))
 
     async def agenerate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Generation:
         """:meth:`generate` in a worker thread; cancelling the caller stops generation."""

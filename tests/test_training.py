@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama as make_tiny_llama
+from transformers import LlamaForCausalLM
 
 from ngsd_guard.judge import is_refusal
 from ngsd_guard.reflection import ProbeReader
@@ -33,23 +34,8 @@ needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not 
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
-    """A 2-layer random Llama over the real vocabulary."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-        tie_word_embeddings=True,
-        eos_token_id=2,
-        bos_token_id=1,
-        pad_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    """A 2-layer random Llama over the real vocabulary, with tied embeddings."""
+    return make_tiny_llama(seed, max_positions=512, tie_embeddings=True)
 
 
 def test_recovery_prefix_is_cut_on_token_boundaries():
