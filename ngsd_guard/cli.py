@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(bench)
     bench.set_defaults(handler=cmd_bench, max_new_tokens=64)
 
-    for module in ("training", "evaluation"):
+    for module in ("training", "evaluation", "serve"):
         try:
             command = __import__(f"{package}.{module}.command", fromlist=["add_parser"])
         except ModuleNotFoundError as error:

@@ -9,5 +9,13 @@ from .chat_models import ChatNGSD
 from .events import GATE_EVENT, GateEventHandler
 from .llms import NGSDLLM
 from .messages import to_chat_messages
+from .openai import ChatNGSDOpenAI
 
-__all__ = ["GATE_EVENT", "NGSDLLM", "ChatNGSD", "GateEventHandler", "to_chat_messages"]
+__all__ = [
+    "GATE_EVENT",
+    "NGSDLLM",
+    "ChatNGSD",
+    "ChatNGSDOpenAI",
+    "GateEventHandler",
+    "to_chat_messages",
+]
