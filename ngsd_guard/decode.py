@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .config import GuardConfig
-from .constraints import TokenConstraint
+from .constraints import ConstraintMatcher, TokenConstraint
 from .divergence import DIVERGENCES, Divergence
 from .experts import Runner
 from .gate import Gate, make_gate
@@ -180,6 +180,7 @@ def decode(
     u = uniforms(rows, decoding.max_new_tokens + max_window, decoding.seed)
 
     results = [RowResult() for _ in range(rows)]
+    matchers = [c.matcher() if c is not None else None for c in constraints]
     texts = [_Text(tokenizer, decoding.stop) for _ in range(rows)]
     finished = [False] * rows
     # The last kept token of each row, fed to neither model yet (None before the first).
@@ -203,6 +204,9 @@ def decode(
         # 1. Draft: k base steps, as if the gate stayed quiet. Each step feeds the previous
         #    token; the last draft token stays unfed, so a replaced token costs no forward.
         drafts, base_logits, allowed = [], [], []
+        # Per position, per row: the matcher accepted the draft; it was complete after it.
+        accepted_draft: list[list[bool]] = []
+        complete_after: list[list[bool]] = []
         drafting = ~done
         for i in range(k):
             previous = drafts[-1] if drafts else pending
@@ -210,7 +214,7 @@ def decode(
                 logits = first_logits[:, -1]
             else:
                 logits = base_side.feed(previous.unsqueeze(-1), keep=1)[0][:, -1]
-            masks = _allowed(constraints, results, drafts, drafting, eos_ids, logits.shape[-1])
+            masks = _allowed(matchers, drafting, eos_ids, logits.shape[-1])
             if masks is not None:
                 logits = logits.masked_fill(~masks, float("-inf"))
             if is_greedy(decoding):
@@ -221,6 +225,10 @@ def decode(
             drafts.append(token)
             base_logits.append(logits)
             allowed.append(masks)
+            accepted_draft.append([False] * rows)
+            complete_after.append([False] * rows)
+            if masks is not None:
+                _accept(matchers, token, drafting, eos_ids, accepted_draft[-1], complete_after[-1])
             drafting = drafting & ~torch.isin(token, eos)
             if not bool(drafting.any()):
                 k = i + 1
@@ -270,10 +278,15 @@ def decode(
                 result.token_ids.append(token)
                 n = len(result.token_ids)
                 reason: FinishReason | None = None
-                constraint = constraints[row]
-                if token in eos_ids or (
-                    constraint is not None and constraint.is_complete(result.token_ids)
-                ):
+                complete = complete_after[i][row]
+                matcher = matchers[row]
+                if div_t[row][i] and matcher is not None:
+                    # The draft is cut here: rewind its accepted tokens, take the chosen one.
+                    matcher.rollback(sum(accepted_draft[j][row] for j in range(i, k)))
+                    if token not in eos_ids:
+                        matcher.accept(token)
+                    complete = matcher.is_complete()
+                if token in eos_ids or complete:
                     reason = "stop"
                 elif n >= decoding.max_new_tokens:
                     reason = "length"
@@ -408,32 +421,51 @@ def _at(u: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _allowed(
-    constraints: Sequence[TokenConstraint | None],
-    results: Sequence[RowResult],
-    drafts: Sequence[torch.Tensor],
+    matchers: Sequence[ConstraintMatcher | None],
     drafting: torch.Tensor,
     eos_ids: Sequence[int],
     vocab: int,
 ) -> torch.Tensor | None:
-    """(B, V) bool mask of the tokens each row's constraint allows next, or None.
+    """(B, V) bool mask of the tokens each row's matcher allows next, or None.
 
-    A row whose constraint is complete may only end (EOS).
+    A row whose matcher is complete may only end (EOS).
     """
-    if all(c is None for c in constraints):
+    if all(m is None for m in matchers):
         return None
     device = drafting.device
-    masks = torch.ones((len(constraints), vocab), dtype=torch.bool, device=device)
-    drafted = torch.stack(drafts, 1).tolist() if drafts else [[] for _ in constraints]
+    masks = torch.ones((len(matchers), vocab), dtype=torch.bool, device=device)
     active = drafting.tolist()
-    for row, constraint in enumerate(constraints):
-        if constraint is None or not active[row]:
+    for row, matcher in enumerate(matchers):
+        if matcher is None or not active[row]:
             continue
-        prefix = [*results[row].token_ids, *drafted[row]]
-        if constraint.is_complete(prefix):
+        if matcher.is_complete():
             masks[row] = False
             masks[row, list(eos_ids)] = True
             continue
-        allowed = constraint.allowed_tokens(prefix)
+        allowed = matcher.allowed()
         if allowed is not None:
-            masks[row] = allowed[:vocab].to(device)
+            width = min(vocab, allowed.shape[0])
+            masks[row] = False
+            masks[row, :width] = allowed[:width].to(device)
     return masks
+
+
+def _accept(
+    matchers: Sequence[ConstraintMatcher | None],
+    token: torch.Tensor,
+    drafting: torch.Tensor,
+    eos_ids: Sequence[int],
+    accepted: list[bool],
+    complete: list[bool],
+) -> None:
+    """Advance each drafting row's matcher by its draft token (EOS excepted); note, per row,
+    whether the matcher took it and whether it is complete after it."""
+    for row, (matcher, value, active) in enumerate(
+        zip(matchers, token.tolist(), drafting.tolist(), strict=True)
+    ):
+        if matcher is None or not active:
+            continue
+        if value not in eos_ids:
+            matcher.accept(value)
+            accepted[row] = True
+        complete[row] = matcher.is_complete()

@@ -331,3 +331,57 @@ def test_probabilities_are_fp32_whatever_the_model_dtype(tiny_base, tiny_expert,
     result = lm.generate(PROMPTS[0], max_new_tokens=12)
     assert all(0.0 <= r.divergence <= 1.0 for r in result.records)
     assert result.summary.mean_divergence > 0
+
+
+class _CyclingConstraint:
+    """Token ``j`` of the output must come from subset ``j % 3`` of 300 ids; complete after
+    ``length`` tokens. Counts rollbacks, to show that cut drafts are rewound."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.subsets = [torch.zeros(49152, dtype=torch.bool) for _ in range(3)]
+        for j, subset in enumerate(self.subsets):
+            subset[1000 + 100 * j : 1100 + 100 * j] = True
+        self.rolled_back = 0
+
+    def matcher(self):
+        return _CyclingMatcher(self)
+
+
+class _CyclingMatcher:
+    def __init__(self, constraint: _CyclingConstraint) -> None:
+        self.constraint, self.tokens = constraint, []
+
+    def allowed(self):
+        return self.constraint.subsets[len(self.tokens) % 3]
+
+    def accept(self, token_id):
+        assert self.allowed()[token_id], "accepted a token the matcher did not allow"
+        self.tokens.append(token_id)
+
+    def rollback(self, count):
+        self.constraint.rolled_back += count
+        del self.tokens[len(self.tokens) - count :]
+
+    def is_complete(self):
+        return len(self.tokens) >= self.constraint.length
+
+
+def test_constrained_windowed_equals_step_by_step(tiny_base, tiny_expert, tokenizer):
+    outs = {}
+    for window in (1, 8):
+        lm = guarded(
+            tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=0.5), window=window
+        )
+        constraint = _CyclingConstraint(length=20)
+        outs[window] = lm.generate_batch(PROMPTS, max_new_tokens=30, constraint=constraint)
+        if window > 1:
+            assert constraint.rolled_back > 0
+    assert sum(g.summary.intervened for g in outs[1]) > 0
+    for a, b in zip(outs[1], outs[8], strict=True):
+        assert a.token_ids == b.token_ids
+        assert [r.spiked for r in a.records] == [r.spiked for r in b.records]
+        assert a.finish_reason == "stop" and len(a.token_ids) == 20
+        assert all(
+            1000 + 100 * (j % 3) <= t < 1100 + 100 * (j % 3) for j, t in enumerate(a.token_ids)
+        )
