@@ -8,9 +8,10 @@ Three jobs, shared by every integration:
 2. :func:`parse_tool_calls` and :class:`ToolCallStreamParser` turn the model's text back into
    :class:`ToolCall` objects, token by token when streaming. Malformed calls stay in the text.
 3. :class:`ToolCallConstraint` and :class:`JsonConstraint` implement the engine's
-   ``TokenConstraint`` protocol, so that a forced call (``tool_choice="any"`` or a named tool) or a
-   structured answer is *guaranteed* to parse: decoding is restricted, token by token, to tokens
-   whose text keeps the output a valid prefix of
+   ``TokenConstraint`` protocol (``matcher()``: one ``ConstraintMatcher`` per row), so that a
+   forced call (``tool_choice="any"`` or a named tool) or a structured answer is *guaranteed*
+   to parse: decoding is restricted, token by token, to tokens whose text keeps the output a
+   valid prefix of
 
    ``<tool_call>{"name": "<tool>", "arguments": <JSON valid for its parameters>}</tool_call>``
 
@@ -765,6 +766,10 @@ class _GrammarConstraint:
             state = self._state(generated)
             return not state or self._grammar.is_complete(state)
 
+    def matcher(self) -> _PrefixMatcher:
+        """One row's matcher (the engine's ``TokenConstraint`` protocol)."""
+        return _PrefixMatcher(self)
+
     def _walk(self, node: dict, state: frozenset, out: list[int], budget: int | None) -> None:
         """Collect into ``out`` the ids of every token below ``node`` readable from ``state``
         (and, with a ``budget``, leaving a completion that fits)."""
@@ -797,6 +802,27 @@ class _GrammarConstraint:
         if ids:
             index = torch.tensor(ids, dtype=torch.long)
             mask[index[table.quote_prefix[index] <= room]] = True
+
+
+class _PrefixMatcher:
+    """A ``ConstraintMatcher`` over a ``_GrammarConstraint``: the row's tokens, read through the
+    constraint's prefix-state cache."""
+
+    def __init__(self, constraint: _GrammarConstraint) -> None:
+        self._constraint = constraint
+        self._tokens: list[int] = []
+
+    def allowed(self) -> torch.Tensor:
+        return self._constraint.allowed_tokens(self._tokens)
+
+    def accept(self, token_id: int) -> None:
+        self._tokens.append(int(token_id))
+
+    def rollback(self, count: int) -> None:
+        del self._tokens[len(self._tokens) - count :]
+
+    def is_complete(self) -> bool:
+        return self._constraint.is_complete(self._tokens)
 
 
 class JsonConstraint(_GrammarConstraint):
