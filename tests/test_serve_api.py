@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from serving import serving
+from tiny_models import tiny_llama
 
 from ngsd_guard import GateConfig, GuardConfig, GuardedLM
 from ngsd_guard.serve import ServeSettings
@@ -181,6 +182,41 @@ async def test_concurrent_requests_share_batches_and_match_one_by_one(server, ti
     load = app.state.scheduler.load()
     assert load["batches"] - before < len(PROMPTS) and load["largest_batch"] > 1
     assert texts == [tiny_lm.generate(p, max_new_tokens=12).text for p in PROMPTS]
+
+
+async def test_a_client_that_disconnects_frees_its_row_and_the_others_finish(tokenizer):
+    lm = GuardedLM.from_models(
+        tiny_llama(0, max_positions=4096),
+        tokenizer,
+        expert=tiny_llama(1, max_positions=4096),
+        model_name="tiny",
+    )
+    app = create_app(lm, settings(max_batch=2, max_tokens_cap=4000))
+    scheduler = app.state.scheduler
+
+    async def leave_after_the_first_chunk(client: httpx.AsyncClient) -> None:
+        body = chat(PROMPTS[0], stream=True, max_tokens=4000)
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    return  # leaving the block closes the connection
+
+    async def stay(client: httpx.AsyncClient, prompt: str) -> str:
+        await asyncio.sleep(0.01)  # behind the leaver
+        response = await client.post("/v1/chat/completions", json=chat(prompt, max_tokens=8))
+        return response.json()["choices"][0]["message"]["content"]
+
+    with serving(app) as url:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as client:
+            _, *texts = await asyncio.gather(
+                leave_after_the_first_chunk(client), *(stay(client, p) for p in PROMPTS[1:4])
+            )
+            while scheduler.load()["decoding"]:
+                await asyncio.sleep(0.01)
+        load = scheduler.load()
+    # the leaver's row stopped: far fewer than its 4000 tokens were decoded in all
+    assert load["cancelled"] == 1 and load["active"] == 0 and load["tokens"] < 1000
+    assert texts == [lm.generate(p, max_new_tokens=8).text for p in PROMPTS[1:4]]
 
 
 # ------------------------------------------------------------------ tools and formats

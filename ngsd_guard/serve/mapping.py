@@ -8,16 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ContextTooLongError
 from ..experts import Message
-from ..guarded import GenerateOptions, GuardedLM
+from ..guarded import GenerateOptions, GenerationRequest, GuardedLM
 from ..tools import (
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     JsonConstraint,
     ToolCallConstraint,
 )
-from .engine import GenerationRequest
 from .errors import APIError
 from .protocol import (
     AssistantMessage,
@@ -53,7 +51,7 @@ def chat_call(lm: GuardedLM, body: ChatCompletionRequest, settings: ServeSetting
 
     Raises:
         APIError: a limit, a guard override the operator does not allow, an unknown tool.
-        ContextTooLongError: the rendered prompt does not fit the model's context window.
+        ContextTooLongError, PromptError: the prompt does not fit the model, or is empty.
     """
     budget = token_budget(body.token_budget, settings)
     options = _sampling_options(body, budget, settings)
@@ -61,8 +59,7 @@ def chat_call(lm: GuardedLM, body: ChatCompletionRequest, settings: ServeSetting
     messages = to_engine_messages(body.messages, inline_tool_calls=not template_tools)
     messages, output, tool_names = _output_options(lm, body, messages, budget)
     options.update(output)
-    text = lm.render(messages, tools=options.get("tools"))
-    _check_length(lm, lm.count_tokens(text))
+    lm.encode_prompt(messages, tools=options.get("tools"))  # too long or empty: refused here
     return EngineCall(GenerationRequest(messages, options), tool_names)
 
 
@@ -74,7 +71,7 @@ def completion_calls(
     budget = token_budget(body.token_budget, settings)
     calls = []
     for prompt in body.prompts:
-        _check_length(lm, lm.count_tokens(prompt))
+        lm.encode_prompt(prompt, raw=True)  # too long: refused here
         options = _sampling_options(body, budget, settings)
         options["raw"] = True
         calls.append(EngineCall(GenerationRequest(prompt, options)))
@@ -97,14 +94,6 @@ def token_budget(asked: int | None, settings: ServeSettings) -> int:
             code="invalid_value",
         )
     return budget
-
-
-def _check_length(lm: GuardedLM, prompt_tokens: int) -> None:
-    if prompt_tokens >= lm.context_window:
-        raise ContextTooLongError(
-            f"the prompt has {prompt_tokens} tokens but the context window of {lm.model_name} "
-            f"is {lm.context_window}; shorten the prompt"
-        )
 
 
 def _sampling_options(body: _Sampling, budget: int, settings: ServeSettings) -> GenerateOptions:

@@ -1,13 +1,16 @@
-"""Concurrent requests decoded together: a bounded queue, one decode thread, a queue per request.
+"""Concurrent requests decoded together: a bounded queue, one decode thread, continuous batching.
 
-Requests that arrive while the decode thread is busy, or within ``join_window_s`` of the first
-one, are decoded together in one batch of up to ``max_batch`` rows (per-row gates, stops and
-options: the engine's batched API). The thread hands every row's records to that row's
-:class:`Submission`, an async iterator on the server's event loop. A submission cancelled by
-its client (a disconnect) ends its own rows at the next token; the other rows decode on.
+The decode thread keeps one batch (a ``GuardedLM.stream_requests`` stream) running while there
+are requests: a new request joins it at the next step, each row with its own options, gate and
+stops, up to ``max_batch`` rows; a request that cannot join (``guard`` differs from the batch's)
+waits until the batch drains, and nothing behind it overtakes it. A fresh batch waits
+``join_window_s`` for more requests, so that requests arriving together share one prefill.
+Every row's records go to its request's :class:`Submission`, an async iterator on the server's
+event loop, and its Generation as soon as the row ends. A submission cancelled by its client (a
+disconnect) cancels its own rows at the next step; the other rows decode on.
 
-At most ``max_batch`` requests decode and ``max_queue`` more wait; :meth:`Scheduler.submit`
-refuses the next one (:class:`QueueFullError`, a 429).
+At most ``max_batch`` rows decode and ``max_queue`` more wait; :meth:`Scheduler.submit` refuses
+the next request (:class:`QueueFullError`, a 429).
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from ..guarded import GuardedLM
+from ..errors import NGSDError
+from ..guarded import BatchStream, GenerationRequest, GuardedLM
 from ..records import Generation, StepRecord
-from .engine import GenerationRequest, joinable, stream_requests
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,9 @@ class Scheduler:
         self._active = 0
         self._batches = 0
         self._largest_batch = 0
+        self._cancelled = 0
+        self._tokens = 0
+        self._decoding = False
         self._stopping = False
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -149,13 +155,17 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     def load(self) -> dict[str, int]:
-        """Rows decoding and waiting now; batches decoded so far and the largest one."""
+        """Now: rows decoding and waiting, whether a batch is open. So far: batches started,
+        the most rows one held at once, rows cancelled by their clients, tokens decoded."""
         with self._condition:
             return {
                 "active": self._active,
                 "waiting": len(self._waiting),
                 "batches": self._batches,
                 "largest_batch": self._largest_batch,
+                "cancelled": self._cancelled,
+                "tokens": self._tokens,
+                "decoding": int(self._decoding),
             }
 
     # ---------------------------------------------------------------- lifecycle
@@ -177,7 +187,11 @@ class Scheduler:
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
             if batch:  # empty when every waiting request was cancelled
-                self._decode(batch)
+                self._decoding = True
+                try:
+                    self._decode(batch)
+                finally:
+                    self._decoding = False
 
     def _next_batch(self) -> list[_Row] | None:
         """Wait for a request, then up to ``join_window_s`` for more; take up to ``max_batch``."""
@@ -193,49 +207,93 @@ class Scheduler:
                 self._condition.wait(left)
             if self._stopping:
                 return None
-            batch = self._take(self.max_batch)
-            self._active += len(batch)
+            head = next((row for row in self._waiting if not row.cancelled), None)
+            guard = _guard(head.request) if head is not None else True
+            batch = self._take(self.max_batch, guard)
             self._batches += bool(batch)
-            self._largest_batch = max(self._largest_batch, len(batch))
             return batch
 
-    def _take(self, room: int) -> list[_Row]:
-        """Pop up to ``room`` live rows that can share a batch with the first one."""
-        batch: list[_Row] = []
-        kept: deque[_Row] = deque()
-        while self._waiting:
-            row = self._waiting.popleft()
-            if row.cancelled:
-                continue
-            if len(batch) < room and (not batch or joinable(batch[0].request, row.request)):
-                batch.append(row)
-            else:
-                kept.append(row)
-        self._waiting = kept
-        return batch
+    def _take(self, room: int, guard: bool) -> list[_Row]:
+        """Pop live rows from the head of the queue while they can join a batch decoding
+        with ``guard``, up to ``room`` (call holding the condition)."""
+        taken: list[_Row] = []
+        while self._waiting and len(taken) < room:
+            row = self._waiting[0]
+            if not row.cancelled and _guard(row.request) != guard:
+                break
+            self._waiting.popleft()
+            if not row.cancelled:
+                taken.append(row)
+        self._active += len(taken)
+        return taken
 
-    def _decode(self, rows: Sequence[_Row]) -> None:
-        """The one place the scheduler drives the engine: one batch, each row's records to its
-        submission; a cancelled submission's rows are cancelled at the next record."""
-        cancelled: set[int] = set()
+    def _decode(self, batch: Sequence[_Row]) -> None:
+        """The one place the scheduler drives the engine: one stream, kept running while
+        requests can join it; each row's records and result to its submission."""
+        live: dict[int, _Row] = {}
+        stream: BatchStream | None = None
+        guard = _guard(batch[0].request)
+        for row in batch:
+            stream = self._join(stream, row, live)
+        if stream is None:
+            return
         try:
-            stream = stream_requests(self.lm, [row.request for row in rows])
             for record in stream:
-                rows[record.row].deliver(record)
-                for number, row in enumerate(rows):
-                    if number not in cancelled and row.cancelled:
-                        cancelled.add(number)
-                        stream.cancel(number)
+                self._tokens += 1
+                row = live.get(record.row)
+                if row is not None:
+                    row.deliver(record)
+                    if record.finish_reason is not None:
+                        row.deliver(stream.generation(record.row))
+                        self._leave(live, record.row)
+                for number in [n for n, r in live.items() if r.cancelled]:
+                    stream.cancel(number)
+                    self._leave(live, number)
+                    with self._condition:
+                        self._cancelled += 1
                 if self._stopping:
                     stream.close()
                     raise SchedulerStoppedError("the server is shutting down")
-            for row, generation in zip(rows, stream.generations, strict=True):
-                row.deliver(generation)
+                with self._condition:
+                    joining = self._take(self.max_batch - len(live), guard)
+                for row in joining:
+                    self._join(stream, row, live)
+            for number, row in list(live.items()):  # rows that ended without a last record
+                row.deliver(stream.generation(number))
+                self._leave(live, number)
         except Exception as error:
             if not isinstance(error, SchedulerStoppedError):
-                logger.exception("a batch of %d rows failed", len(rows))
-            for row in rows:
+                logger.exception("a batch of %d rows failed", len(live))
+            for number, row in list(live.items()):
                 row.deliver(error)
-        finally:
+                self._leave(live, number)
+
+    def _join(
+        self, stream: BatchStream | None, row: _Row, live: dict[int, _Row]
+    ) -> BatchStream | None:
+        """Start the stream with ``row``, or add ``row`` to it; a request the engine refuses
+        (a bad option, a prompt too long) gets its error and leaves."""
+        try:
+            if stream is None:
+                stream, number = self.lm.stream_requests([row.request]), 0
+            else:
+                number = stream.add(row.request)
+        except NGSDError as error:
+            row.deliver(error)
             with self._condition:
-                self._active -= len(rows)
+                self._active -= 1
+            return stream
+        live[number] = row
+        with self._condition:
+            self._largest_batch = max(self._largest_batch, len(live))
+        return stream
+
+    def _leave(self, live: dict[int, _Row], number: int) -> None:
+        del live[number]
+        with self._condition:
+            self._active -= 1
+
+
+def _guard(request: GenerationRequest) -> bool:
+    """Whether a request decodes guarded: rows of one batch must agree."""
+    return bool(request.options.get("guard", True))
