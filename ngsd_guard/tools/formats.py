@@ -59,7 +59,8 @@ class ToolFormat:
 
     def call_rule(self, tools: Sequence[Mapping[str, Any]], name: str | None = None) -> str:
         """A Lark rule ``call: ...`` for exactly one call of one of ``tools`` (of ``name``
-        only, when given), arguments valid for the tool's parameters schema, in this format.
+        only, when given), arguments valid for the tool's parameters schema (and no undeclared
+        ones, unless the schema allows ``additionalProperties``), in this format.
 
         Raises:
             ValueError: ``tools`` is empty or ``name`` is not one of them.
@@ -72,7 +73,7 @@ class ToolFormat:
                 "type": "object",
                 "properties": {
                     "name": {"const": f["name"]},
-                    self.arguments_key: f["parameters"],
+                    self.arguments_key: _closed(f["parameters"]),
                 },
                 "required": ["name", self.arguments_key],
                 "additionalProperties": False,
@@ -114,6 +115,14 @@ def _chosen(tools: Sequence[Mapping[str, Any]], name: str | None) -> list[dict[s
     if not functions:
         raise ValueError("`tools` is empty; pass at least one tool schema")
     return [f for f in functions if name is None or f["name"] == name]
+
+
+def _closed(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool's parameters schema whose arguments hold only the declared parameters, unless
+    the schema itself says otherwise (``additionalProperties``)."""
+    if "properties" in parameters and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return dict(parameters)
 
 
 def _lark_pieces(pieces: Sequence[Piece]) -> str:
