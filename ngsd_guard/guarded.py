@@ -290,11 +290,11 @@ class GuardedLM:
     def _render(self, messages: list[Message], tools: Sequence[dict[str, Any]] | None) -> str:
         template_tools = None
         if tools:
-            if "tools" in (self.tokenizer.chat_template or ""):
+            from .tools import tool_format, tools_system_prompt
+
+            if tool_format(self.tokenizer).template_tools:
                 template_tools = list(tools)
             else:
-                from .tools import tools_system_prompt
-
                 messages = _with_system(messages, tools_system_prompt(tools))
         return self.tokenizer.apply_chat_template(
             messages, tools=template_tools, add_generation_prompt=True, tokenize=False

@@ -25,7 +25,13 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from ngsd_guard import GateEvent, Generation, GuardedLM, StepRecord
-from ngsd_guard.tools import JsonConstraint, ToolCall, ToolCallConstraint, ToolCallStreamParser
+from ngsd_guard.tools import (
+    JsonConstraint,
+    ToolCall,
+    ToolCallConstraint,
+    ToolCallStreamParser,
+    response_schema,
+)
 
 from ._engine import GuardedSettings
 from .events import aemit_gate_event, emit_gate_event
@@ -260,8 +266,8 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
         chat = to_chat_messages(messages, inline_tool_calls=not template_tools)
         budget = options["max_new_tokens"] or lm.config.decoding.max_new_tokens
         tool_names = None
-        if response_format is not None:
-            schema = response_format["json_schema"]
+        schema = response_schema(response_format)
+        if schema is not None:
             chat = _with_instruction(
                 chat,
                 f"Answer with one JSON object that follows this JSON schema:\n"
@@ -277,12 +283,6 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
                 options["constraint"] = ToolCallConstraint(
                     lm.tokenizer, tools, name, max_tokens=budget
                 )
-        constraint = options.get("constraint")
-        if constraint is not None and constraint.min_tokens > budget:
-            raise ValueError(
-                f"`max_tokens` (={budget}) is too small for the forced output, which takes up to "
-                f"{constraint.min_tokens} tokens at its shortest; raise `max_tokens`"
-            )
         return _Request(lm, chat, options, self.model_label(model), tool_names)
 
     def _translator(self, request: _Request) -> _ChunkTranslator:
