@@ -19,6 +19,7 @@ from ngsd_guard.serve import ServeSettings
 from ngsd_guard.serve.app import create_app
 from ngsd_guard.serve.mapping import to_engine_messages
 from ngsd_guard.serve.protocol import ChatCompletionRequest
+from ngsd_guard.tools import HERMES
 
 KEY = "sk-test-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -245,7 +246,7 @@ def test_forced_tool_call_is_a_valid_openai_tool_call(http):
     assert json.loads(calls[0]["function"]["arguments"]).keys() == {"city"}
 
 
-def test_json_schema_response_format_gives_valid_json(http):
+def test_json_schema_and_json_object_formats_give_valid_json(http):
     schema = {
         "type": "object",
         "properties": {"answer": {"type": "string", "maxLength": 10}},
@@ -264,6 +265,12 @@ def test_json_schema_response_format_gives_valid_json(http):
         ),
     ).json()
     assert set(json.loads(body["choices"][0]["message"]["content"])) == {"answer"}
+    body = http.post(
+        "/v1/chat/completions",
+        json=chat("Answer in JSON.", max_tokens=32, response_format={"type": "json_object"}),
+    ).json()
+    assert body["choices"][0]["finish_reason"] == "stop"  # closed within the budget
+    assert isinstance(json.loads(body["choices"][0]["message"]["content"]), dict)
 
 
 def test_tool_turns_render_in_the_models_tool_format():
@@ -288,7 +295,7 @@ def test_tool_turns_render_in_the_models_tool_format():
             ],
         }
     )
-    assert to_engine_messages(body.messages, inline_tool_calls=True) == [
+    assert to_engine_messages(body.messages, call_format=HERMES) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
         {

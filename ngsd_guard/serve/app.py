@@ -192,7 +192,7 @@ async def _answer(
         ) from None
     except SchedulerStoppedError as error:
         raise APIError(503, str(error), type="server_error", headers=_RETRY) from None
-    translators = [ChoiceTranslator(i, call.tool_names) for i, call in enumerate(calls)]
+    translators = [ChoiceTranslator(i, call.parser()) for i, call in enumerate(calls)]
     if stream:
         chunks = _chunks(head, translators, submission, include_usage)
         return EventSourceResponse(chunks)

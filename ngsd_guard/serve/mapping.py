@@ -10,12 +10,7 @@ from typing import Any
 
 from ..experts import Message
 from ..guarded import GenerateOptions, GenerationRequest, GuardedLM
-from ..tools import (
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
-    JsonConstraint,
-    ToolCallConstraint,
-)
+from ..tools import ToolCallStreamParser, ToolFormat, ToolPlan, plan_tools
 from .errors import APIError
 from .protocol import (
     AssistantMessage,
@@ -23,9 +18,6 @@ from .protocol import (
     ChatMessage,
     CompletionRequest,
     Content,
-    JsonObjectFormat,
-    JsonSchemaFormat,
-    NamedToolChoice,
     NGSDOptions,
     SystemMessage,
     ToolMessage,
@@ -36,31 +28,52 @@ from .settings import ServeSettings
 
 @dataclass(frozen=True)
 class EngineCall:
-    """One choice of a request, as the engine decodes it.
-
-    ``tool_names``: the tools whose calls the output may contain (parse it for them); None when
-    no tools are offered.
-    """
+    """One choice of a request, as the engine decodes it, and how to read its output
+    (``plan``: the tools it may call; None for a plain completion)."""
 
     request: GenerationRequest
-    tool_names: list[str] | None = None
+    plan: ToolPlan | None = None
+
+    def parser(self) -> ToolCallStreamParser | None:
+        """A fresh parser of the output's tool calls, or None when it calls none."""
+        return self.plan.parser() if self.plan is not None else None
 
 
 def chat_call(lm: GuardedLM, body: ChatCompletionRequest, settings: ServeSettings) -> EngineCall:
     """The engine request for a chat completion.
 
+    Tools, ``tool_choice``, ``response_format`` and the budget follow the engine's one set of
+    rules (:func:`ngsd_guard.tools.plan_tools`): ``auto`` parses calls out of the answer,
+    ``required`` or a named tool forces one valid call, ``none`` hides the tools, a
+    ``json_schema`` or ``json_object`` format constrains the answer.
+
     Raises:
-        APIError: a limit, a guard override the operator does not allow, an unknown tool.
+        APIError: a limit, or a guard override the operator does not allow.
+        ConfigError: an unknown tool, a bad format, a budget too small for a forced output.
         ContextTooLongError, PromptError: the prompt does not fit the model, or is empty.
     """
     budget = token_budget(body.token_budget, settings)
     options = _sampling_options(body, budget, settings)
-    template_tools = "tools" in (lm.tokenizer.chat_template or "")
-    messages = to_engine_messages(body.messages, inline_tool_calls=not template_tools)
-    messages, output, tool_names = _output_options(lm, body, messages, budget)
-    options.update(output)
+    plan = plan_tools(
+        lm,
+        tools=[tool.model_dump(exclude_none=True) for tool in body.tools or ()] or None,
+        tool_choice=(
+            body.tool_choice
+            if isinstance(body.tool_choice, str | None)
+            else body.tool_choice.model_dump()
+        ),
+        response_format=(
+            body.response_format.model_dump(by_alias=True, exclude_none=True)
+            if body.response_format is not None
+            else None
+        ),
+        max_tokens=budget,
+    )
+    call_format = plan.format if plan.inline_tool_calls else None
+    messages = plan.messages(to_engine_messages(body.messages, call_format=call_format))
+    options.update(GenerateOptions(**plan.options()))
     lm.encode_prompt(messages, tools=options.get("tools"))  # too long or empty: refused here
-    return EngineCall(GenerationRequest(messages, options), tool_names)
+    return EngineCall(GenerationRequest(messages, options), plan)
 
 
 def completion_calls(
@@ -138,14 +151,13 @@ def text_of(content: Content | None) -> str:
 
 
 def to_engine_messages(
-    messages: Sequence[ChatMessage], *, inline_tool_calls: bool
+    messages: Sequence[ChatMessage], *, call_format: ToolFormat | None = None
 ) -> list[Message]:
     """OpenAI chat messages as the dicts a chat template renders.
 
     ``developer`` becomes ``system``. An assistant's ``tool_calls`` are written into its content
-    as ``<tool_call>{"name", "arguments"}</tool_call>`` (``inline_tool_calls``, for templates
-    without tool support: the format the model is asked to answer in) or passed on with their
-    arguments decoded.
+    in ``call_format`` (for templates that do not render ``tool_calls``: the format the model
+    answers in), or else passed on with their arguments decoded.
 
     Raises:
         APIError: a tool call's ``arguments`` are not a JSON object (400).
@@ -165,13 +177,8 @@ def to_engine_messages(
                 for n, call in enumerate(message.tool_calls or [])
             ]
             entry: dict[str, Any] = {"role": "assistant", "content": text}
-            if calls and inline_tool_calls:
-                written = [
-                    TOOL_CALL_OPEN
-                    + json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
-                    + TOOL_CALL_CLOSE
-                    for _, name, args in calls
-                ]
+            if calls and call_format is not None:
+                written = [call_format.call_text(name, args) for _, name, args in calls]
                 entry["content"] = "\n".join(filter(None, [text, *written]))
             elif calls:
                 entry["tool_calls"] = [
@@ -198,72 +205,3 @@ def _arguments(text: str, message: int, call: int) -> dict[str, Any]:
             code="invalid_value",
         )
     return arguments
-
-
-def _with_instruction(messages: list[Message], text: str) -> list[Message]:
-    """Append ``text`` to the system message (adding one first if there is none)."""
-    if messages and messages[0]["role"] == "system":
-        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}".strip()}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
-
-
-# ------------------------------------------------------------------------ tools and formats
-def _output_options(
-    lm: GuardedLM, body: ChatCompletionRequest, messages: list[Message], budget: int
-) -> tuple[list[Message], GenerateOptions, list[str] | None]:
-    """Tools, ``tool_choice`` and ``response_format`` onto the engine: (messages, options,
-    tool names to parse the output for).
-
-    ``tool_choice``: ``none`` hides the tools; ``auto`` (the default) shows them and parses calls
-    out of the answer; ``required`` or a named tool forces one call by constrained decoding.
-    ``response_format``: ``json_schema`` constrains the answer to the schema's JSON;
-    ``json_object`` asks for a JSON object in the system message.
-
-    Raises:
-        APIError: an unknown tool name, an unsupported schema, or a ``max_tokens`` too small
-            for the forced output (400).
-    """
-    options = GenerateOptions()
-    format_ = body.response_format
-    if isinstance(format_, JsonSchemaFormat):
-        schema = format_.json_schema.schema_
-        messages = _with_instruction(
-            messages,
-            "Answer with one JSON object that follows this JSON schema:\n"
-            + json.dumps(schema, ensure_ascii=False),
-        )
-        try:
-            options["constraint"] = JsonConstraint(lm.tokenizer, schema, max_tokens=budget)
-        except ValueError as error:
-            raise APIError(400, str(error), param="response_format", code="invalid_value") from None
-    elif isinstance(format_, JsonObjectFormat):
-        messages = _with_instruction(messages, "Answer with one JSON object.")
-    tool_names = None
-    if body.tools and body.tool_choice != "none":
-        tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
-        tool_names = [tool.function.name for tool in body.tools]
-        options["tools"] = tools
-        choice = body.tool_choice
-        if isinstance(choice, NamedToolChoice) or choice == "required":
-            name = choice.function.name if isinstance(choice, NamedToolChoice) else None
-            if name is not None and name not in tool_names:
-                raise APIError(
-                    400,
-                    f"`tool_choice` names {name!r}, which is not one of the tools {tool_names}",
-                    param="tool_choice",
-                    code="invalid_value",
-                )
-            options["constraint"] = ToolCallConstraint(lm.tokenizer, tools, name, max_tokens=budget)
-    constraint = options.get("constraint")
-    if isinstance(constraint, JsonConstraint | ToolCallConstraint):
-        shortest = constraint.min_tokens
-        if shortest > budget:
-            raise APIError(
-                400,
-                f"`max_tokens` (={budget}) is too small for the forced output, which takes up "
-                f"to {shortest} tokens at its shortest; raise `max_tokens`",
-                param="max_tokens",
-                code="invalid_value",
-            )
-    return messages, options, tool_names

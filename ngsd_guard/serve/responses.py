@@ -44,13 +44,13 @@ class Delta:
 class ChoiceTranslator:
     """The StepRecords of one choice as :class:`Delta`\\ s.
 
-    ``tool_names``: tools the answer may call; their ``<tool_call>`` blocks become tool calls
-    (None: the text is passed on as it is).
+    ``parser``: splits the answer into content and tool calls (None: the text is passed on as
+    it is).
     """
 
-    def __init__(self, index: int, tool_names: list[str] | None) -> None:
+    def __init__(self, index: int, parser: ToolCallStreamParser | None) -> None:
         self.index = index
-        self.parser = ToolCallStreamParser(tool_names) if tool_names is not None else None
+        self.parser = parser
         self.calls = 0
 
     def step(self, record: StepRecord) -> Delta:
