@@ -5,7 +5,9 @@ On the default model and its shipped LoRA expert: 8 AdvBench test requests and 8
 requests are answered by guarded decoding (64 tokens); then both models score every answer
 position in one forward, and the total variation ``D = 1/2 sum |p_b - p_e|`` of the full
 distributions is compared with that of each side's top-k, renormalised, over the union of the
-two top-k sets. The LIF gate (tau 8, threshold 1, from rest) runs over both series.
+two top-k sets. The LIF gate (tau 8, threshold 1, from rest) runs over both series, and the
+intervention's greedy choice ``argmax (p_b + alpha (p_e - p_b))`` on ``top64(p_b) U top64(p_e)``
+(alpha 0.9) is compared at every position.
 
     flock /tmp/ngsd-cpu.lock .venv/bin/python scripts/topk_truncation.py --data-dir ../shared/data
 """
@@ -35,6 +37,15 @@ def truncated(p: torch.Tensor, k: int) -> torch.Tensor:
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (p - q).abs().sum(-1)
+
+
+def intervened_choice(p_base: torch.Tensor, p_expert: torch.Tensor) -> torch.Tensor:
+    """(T, V) x2 -> (T,) the greedy intervened token over the top-64 union, alpha 0.9."""
+    union = torch.zeros_like(p_base, dtype=torch.bool)
+    union.scatter_(-1, p_base.topk(64, -1).indices, True)
+    union.scatter_(-1, p_expert.topk(64, -1).indices, True)
+    mixed = p_base + 0.9 * (p_expert - p_base)
+    return mixed.masked_fill(~union, float("-inf")).argmax(-1)
 
 
 def spikes(divergence: torch.Tensor) -> torch.Tensor:
@@ -67,6 +78,7 @@ def main() -> None:
     expert = PeftModel.from_pretrained(base, ADAPTER).eval()
     ks = [int(k) for k in args.ks.split(",")]
     full_all, cut_all = [], {k: [] for k in ks}
+    chosen_all, cut_chosen = [], {k: [] for k in ks}
     for prompt in prompts:
         answer = lm.generate(prompt, max_new_tokens=args.tokens).token_ids
         prompt_ids = lm.tokenizer(lm.render(prompt), add_special_tokens=False)["input_ids"]
@@ -76,24 +88,32 @@ def main() -> None:
         with expert.disable_adapter():
             p_base = torch.softmax(expert(ids).logits[0, positions].float(), -1)
         full_all.append(total_variation(p_base, p_expert))
+        chosen_all.append(intervened_choice(p_base, p_expert))
         for k in ks:
-            cut_all[k].append(total_variation(truncated(p_base, k), truncated(p_expert, k)))
+            cut_base, cut_expert = truncated(p_base, k), truncated(p_expert, k)
+            cut_all[k].append(total_variation(cut_base, cut_expert))
+            cut_chosen[k].append(intervened_choice(cut_base, cut_expert))
 
     full = torch.cat(full_all)
+    chosen = torch.cat(chosen_all)
     full_spikes = torch.cat([spikes(d) for d in full_all])
     print(f"{len(prompts)} requests, {full.numel()} answer positions; mean TV {full.mean():.4f}")
-    print("| k | mean abs(dTV) | max abs(dTV) | mean dTV | Pearson r | spikes full -> top-k |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| k | mean abs(dTV) | max abs(dTV) | mean dTV | Pearson r | spikes full -> top-k "
+        "| same intervened token |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for k in ks:
         cut = torch.cat(cut_all[k])
         delta = cut - full
         r = torch.corrcoef(torch.stack([full, cut]))[0, 1]
         cut_spikes = torch.cat([spikes(d) for d in cut_all[k]])
         agree = (cut_spikes == full_spikes).float().mean()
+        same_choice = (torch.cat(cut_chosen[k]) == chosen).float().mean()
         print(
             f"| {k} | {delta.abs().mean():.4f} | {delta.abs().max():.4f} | {delta.mean():+.4f} "
             f"| {r:.4f} | {int(full_spikes.sum())} -> {int(cut_spikes.sum())} "
-            f"({agree:.1%} of positions agree) |"
+            f"({agree:.1%} of positions agree) | {same_choice:.1%} |"
         )
 
 
