@@ -191,7 +191,7 @@ def _probe(
     lm = _load(kind, base, adapter if side == "guarded" else None, args)
     for prompt in BENCH_PROMPTS:
         if side == "base":
-            _base_generate(lm._base.handle.model, lm, prompt, args.max_new_tokens)
+            _base_generate(lm.base_model, lm, prompt, args.max_new_tokens)
         else:
             lm.generate(prompt, max_new_tokens=args.max_new_tokens)
 

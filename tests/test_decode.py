@@ -8,7 +8,6 @@ import threading
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import DynamicCache
 
 from ngsd_guard import GateConfig, GuardConfig, GuardedLM, InterventionConfig
 
@@ -157,7 +156,7 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
         peft_model, tokenizer, config=GuardConfig(gate=GateConfig(tau=4, threshold=0.5))
     )
     assert lm.expert_kind == "lora"
-    base_q = lm._base.handle.model.model.layers[0].self_attn.q_proj
+    base_q = lm.base_model.model.layers[0].self_attn.q_proj
     peft_q = peft_model.get_base_model().model.layers[0].self_attn.q_proj
     assert not hasattr(base_q, "lora_A") and hasattr(peft_q, "lora_A")
     assert base_q.weight.data_ptr() == peft_q.base_layer.weight.data_ptr()  # one copy
@@ -191,8 +190,8 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
 def test_prompted_expert_sees_the_safety_prompt(tiny_base, tokenizer):
     lm = GuardedLM.from_models(tiny_base, tokenizer)
     assert lm.expert_kind == "prompted"
-    run = lm._run(["hello"])
-    assert len(run.expert_ids[0]) > len(run.base_ids[0]) + 20
+    tokens = lm.encode_prompt("hello")
+    assert len(tokens.expert) > len(tokens.base) + 20
     assert lm.generate("hello", max_new_tokens=5).summary.tokens == 5
 
 
@@ -300,7 +299,7 @@ async def test_cancelling_astream_stops_generation(tiny_base, tiny_expert, token
     first = await stream.__anext__()
     await stream.aclose()
     assert first.step == 0
-    assert stream._stream._run.cancel.is_set()
+    assert stream.generation.finish_reason == "cancelled"
     # the instance stays usable
     assert lm.generate(PROMPTS[0], max_new_tokens=3).summary.tokens == 3
 
@@ -319,15 +318,7 @@ def test_probabilities_are_fp32_whatever_the_model_dtype(tiny_base, tiny_expert,
     base = copy.deepcopy(tiny_base).to(torch.bfloat16)
     expert = copy.deepcopy(tiny_expert).to(torch.bfloat16)
     lm = guarded(base, tokenizer, expert, gate=GateConfig(threshold=0.8))
-    run = lm._run([PROMPTS[0]])
-    side_logits, _ = lm._base.forward(
-        torch.tensor([run.base_ids[0]]),
-        torch.ones(1, len(run.base_ids[0]), dtype=torch.long),
-        torch.arange(len(run.base_ids[0])).unsqueeze(0),
-        DynamicCache(),
-        keep=1,
-    )
-    assert side_logits.dtype == torch.float32
+    assert lm.next_token_logprobs([lm.render(PROMPTS[0])]).dtype == torch.float32
     result = lm.generate(PROMPTS[0], max_new_tokens=12)
     assert all(0.0 <= r.divergence <= 1.0 for r in result.records)
     assert result.summary.mean_divergence > 0
