@@ -20,7 +20,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from .schemas import closing_bound, normalize_tool
+from .schemas import closing_bound, json_rule, normalize_tool
 
 __all__ = ["HERMES", "ToolFormat", "tool_format"]
 
@@ -63,8 +63,6 @@ class ToolFormat:
         Raises:
             ValueError: ``tools`` is empty or ``name`` is not one of them.
         """
-        from .grammar import json_rule
-
         functions = _chosen(tools, name)
         options = [
             {
@@ -88,9 +86,14 @@ class ToolFormat:
 
     def call_bound(self, tools: Sequence[Mapping[str, Any]], name: str | None = None) -> int:
         """Bytes that can close any prefix of a call (see :func:`closing_bound`)."""
-        frame = sum(len(p.encode()) if isinstance(p, str) else 1 for p in self.suffix)
-        return frame + max(
-            32 + len(f["name"]) + closing_bound(f["parameters"]) for f in _chosen(tools, name)
+        pieces = (*self.prefix, *self.suffix)
+        frame = sum(len(p.encode()) if isinstance(p, str) else 1 for p in pieces)
+        return (
+            frame
+            + 2 * self.as_list
+            + max(
+                32 + len(f["name"]) + closing_bound(f["parameters"]) for f in _chosen(tools, name)
+            )
         )
 
 
