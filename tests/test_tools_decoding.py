@@ -21,7 +21,7 @@ from ngsd_guard.tools import JsonConstraint, parse_tool_calls, plan_tools
 
 pytestmark = pytest.mark.slow
 
-STRING = {"type": "string", "maxLength": 24}
+STRING = {"type": "string", "maxLength": 16}
 ZOO: dict[str, tuple[str, dict]] = {
     "escapes": (
         'Quote Hamlet, with the quotes: "To be or not to be". Put a newline in it.',
@@ -172,7 +172,7 @@ ZOO: dict[str, tuple[str, dict]] = {
         },
     ),
 }
-BUDGET = 40
+BUDGET = 32
 
 
 @pytest.fixture(scope="module")

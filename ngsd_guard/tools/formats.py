@@ -15,12 +15,12 @@ import json
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from jinja2 import TemplateError
 
-from .schemas import closing_bound, normalize_tool
+from .schemas import closing_bound, json_rule, normalize_tool
 
 __all__ = ["HERMES", "ToolFormat", "tool_format"]
 
@@ -48,8 +48,6 @@ class ToolFormat:
     """The chat template renders ``tools`` itself (else they go into a system prompt)."""
     template_calls: bool = False
     """The chat template renders an assistant's ``tool_calls`` (else they are inlined as text)."""
-    response_template: bool = field(default=False)
-    """The tokenizer has a transformers ``response_template`` (``tokenizer.parse_response``)."""
 
     def call_text(self, name: str, arguments: Mapping[str, Any]) -> str:
         """One call as the model writes it (special tokens as their text), for chat history."""
@@ -65,8 +63,6 @@ class ToolFormat:
         Raises:
             ValueError: ``tools`` is empty or ``name`` is not one of them.
         """
-        from .grammar import json_rule
-
         functions = _chosen(tools, name)
         options = [
             {
@@ -90,9 +86,14 @@ class ToolFormat:
 
     def call_bound(self, tools: Sequence[Mapping[str, Any]], name: str | None = None) -> int:
         """Bytes that can close any prefix of a call (see :func:`closing_bound`)."""
-        frame = sum(len(p.encode()) if isinstance(p, str) else 1 for p in self.suffix)
-        return frame + max(
-            32 + len(f["name"]) + closing_bound(f["parameters"]) for f in _chosen(tools, name)
+        pieces = (*self.prefix, *self.suffix)
+        frame = sum(len(p.encode()) if isinstance(p, str) else 1 for p in pieces)
+        return (
+            frame
+            + 2 * self.as_list
+            + max(
+                32 + len(f["name"]) + closing_bound(f["parameters"]) for f in _chosen(tools, name)
+            )
         )
 
 
@@ -181,13 +182,12 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], **options: Any) -> s
 
 
 def _detect(tokenizer: Any) -> ToolFormat:
-    fallback = replace(HERMES, response_template=_has_response_template(tokenizer))
     if not tokenizer.chat_template:
-        return fallback
+        return HERMES
     with_tools = _render(tokenizer, _USER, tools=[_PROBE_TOOL], add_generation_prompt=True)
     template_tools = with_tools is not None and _PROBE_NAME in with_tools
     tools = [_PROBE_TOOL] if template_tools else None
-    fallback = replace(fallback, template_tools=template_tools)
+    fallback = replace(HERMES, template_tools=template_tools)
     call = {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}
     rendered = _render(tokenizer, [*_USER, call], tools=tools)
     answer = _render(tokenizer, [*_USER, {"role": "assistant", "content": _PROBE_ANSWER}])
@@ -216,12 +216,7 @@ def _detect(tokenizer: Any) -> ToolFormat:
         close_tag=_visible(tokenizer, suffix_pieces),
         template_tools=template_tools,
         template_calls=True,
-        response_template=fallback.response_template,
     )
-
-
-def _has_response_template(tokenizer: Any) -> bool:
-    return getattr(tokenizer, "response_template", None) is not None
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -22,7 +22,6 @@ below the shortest output is a :class:`~ngsd_guard.errors.ConfigError` at constr
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import weakref
@@ -36,20 +35,17 @@ import torch
 
 from ..errors import ConfigError
 from .formats import ToolFormat, tool_format
-from .schemas import closing_bound, normalize_tool
+from .schemas import closing_bound, json_rule, normalize_tool
 
 __all__ = [
     "GrammarConstraint",
     "GrammarMatcher",
     "JsonConstraint",
     "ToolCallConstraint",
-    "json_rule",
 ]
 
 logger = logging.getLogger(__name__)
 
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-"""``json.dumps``'s default layout: the one models see most, and one spelling per value."""
 
 _WALK_ORDER = '"]},0:nultrefas-.1'
 _BIT_VALUES = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
@@ -110,11 +106,6 @@ def _build_vocabulary(tokenizer: Any) -> Vocabulary:
     return Vocabulary(
         bridge, size, tokenizer.eos_token_id, content, tuple(texts), order, single[b"q"]
     )
-
-
-def json_rule(schema: Mapping[str, Any]) -> str:
-    """A Lark ``%json`` body for ``schema`` in :data:`JSON_LAYOUT`."""
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
 
 
 def _is_allowed(bits: bytes, token_id: int) -> bool:

@@ -8,7 +8,15 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["closing_bound", "normalize_tool", "response_schema"]
+__all__ = ["JSON_LAYOUT", "closing_bound", "json_rule", "normalize_tool", "response_schema"]
+
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""``json.dumps``'s default layout: the one models see most, and one spelling per value."""
+
+
+def json_rule(schema: Mapping[str, Any]) -> str:
+    """A Lark ``%json`` body for ``schema`` in :data:`JSON_LAYOUT`."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
 
 
 def normalize_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
