@@ -354,8 +354,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             }
             measurements: dict[str, Callable[[], Any]] = {
                 "streaming": lambda lm=lm: measure_streaming(lm, args),
-                "batch": lambda lm=lm: measure_batch(lm, args),
             }
+            if args.batch_size:
+                measurements["batch"] = lambda lm=lm: measure_batch(lm, args)
             if args.reference_tokens:
                 measurements["reference"] = lambda lm=lm: measure_reference(lm, args)
             if args.delays:

@@ -217,11 +217,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"  generate {entry['max_new_tokens']} tokens: time_ratio "
                 f"{entry['time_ratio']:.3f}, memory_ratio {entry['memory_ratio']:.3f}"
             )
-        batch = run["batch"]
-        print(
-            f"  batch {batch['batch_size']}: {batch['guarded_tokens_per_s']:.1f} vs "
-            f"{batch['base_tokens_per_s']:.1f} tokens/s (ratio {batch['throughput_ratio']:.2f})"
-        )
+        if "batch" in run:
+            batch = run["batch"]
+            print(
+                f"  batch {batch['batch_size']}: {batch['guarded_tokens_per_s']:.1f} vs "
+                f"{batch['base_tokens_per_s']:.1f} tokens/s "
+                f"(throughput_ratio {batch['throughput_ratio']:.2f})"
+            )
         if "reference" in run:
             print(f"  {run['reference']['speedup']:.1f}x faster than the reference decoding")
     return 0
@@ -247,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--experts", default="lora", help="comma-separated expert kinds")
     bench.add_argument("--repeats", type=int, default=2, help="passes over the prompts")
-    bench.add_argument("--lengths", default="64,256,1024", help="new tokens to time")
-    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--lengths", default="64,256,1024", help="new tokens to time ('' skips)")
+    bench.add_argument("--batch-size", type=int, default=8, help="0 skips the batch")
     bench.add_argument("--batch-tokens", type=int, default=64, help="new tokens per batch row")
     bench.add_argument(
         "--reference-tokens", type=int, default=256, help="0 skips the reference decoding"
