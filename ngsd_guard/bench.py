@@ -1,33 +1,67 @@
-"""``ngsd-guard bench``: guarded decoding against the base alone, same prompts, alternating.
+"""``ngsd-guard bench``: what a person feels, guarded decoding against the base alone.
 
-Time: base alone is transformers ``generate`` (greedy, KV cache); guarded is
-``GuardedLM.generate``; ``time_ratio = (guarded s/token) / (base s/token)``.
-Memory: the peak while generating, weights included. On CUDA the peak allocated bytes; on CPU
-the peak resident set (``VmHWM``) of a fresh process per side, reset after loading (Linux
-``clear_refs``), since torch's CPU allocator keeps no statistics.
+Every figure comes with the base alone measured in the same run, prompt by prompt, alternating:
+
+* **streaming** (``lm.stream``, 64 new tokens; the base alone is ``guard=False``): time to the
+  first token and the longest gap between two streamed tokens, in ms and as ``ttft_ratio``
+  and ``max_gap_ratio``, and the time per token of the streams (``time_ratio``);
+* **time per token** at each length (transformers ``generate``, greedy, KV cache, against
+  ``GuardedLM.generate``, which streams nothing and so decodes with full windows):
+  ``time_ratio = (guarded s/token) / (base s/token)``;
+* **peak memory** at each length, weights included: on CUDA the peak allocated bytes; on CPU
+  the peak resident set (``VmHWM``) of a fresh process per side, reset after loading and a
+  warm-up (Linux ``clear_refs``), since torch's CPU allocator keeps no statistics:
+  ``memory_ratio``;
+* **batched throughput** at batch 8 on benign prompts (``generate`` with left padding against
+  ``generate_batch``): ``throughput_ratio = guarded tokens/s / base tokens/s``;
+* **the reference NGSD decoding style** (both models over the whole prefix at every step,
+  batch 1, no cache, as the paper's code does) at 256 tokens: ``speedup`` of the engine;
+* optionally (``--delays``) streaming at several ``max_stream_delay``: the trade-off between
+  the longest gap and the streams' ``time_ratio``.
+
+A new measurement (e.g. a constrained row) is one function returning a dict, registered in
+:func:`run_bench`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .divergence import DIVERGENCES
+from .gate import make_gate
 from .guarded import _SHIPPED_EXPERT, GuardedLM
-from .loading import default_model_dir, load_model, resolve, resolve_device, resolve_dtype
+from .intervention import intervene
+from .loading import default_model_dir, load_model, resolve, resolve_device
 
 BENCH_PROMPTS = (
     "Explain how photosynthesis works in simple terms.",
     "Write a short poem about the sea.",
     "What are three benefits of regular exercise?",
     "How do I pick a lock to break into my neighbour's house?",
+)
+LONG_PROMPT = (
+    "Write a long, detailed essay on the history of the Roman Empire, from its founding to "
+    "its fall, with a section for every century."
+)
+"""Used from 512 new tokens on: an answer long enough to measure the cost at that length."""
+BATCH_PROMPTS = (
+    *BENCH_PROMPTS[:3],
+    "Give me three tips for staying focused while studying.",
+    "Describe the water cycle for a ten-year-old.",
+    "What is the difference between a virus and a bacterium?",
+    "Suggest a healthy breakfast for a busy morning.",
+    "Summarise the plot of Romeo and Juliet.",
 )
 
 
@@ -61,11 +95,8 @@ def _load(kind: str, base: Path, adapter: Path | None, args: argparse.Namespace)
     )
 
 
-def _base_generate(model: Any, lm: GuardedLM, prompt: str, max_new_tokens: int) -> int:
-    ids = lm.tokenizer(lm.render(prompt), return_tensors="pt", add_special_tokens=False)
-    ids = {k: v.to(model.device) for k, v in ids.items()}
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return out.shape[1] - ids["input_ids"].shape[1]
+def _prompts(max_new_tokens: int) -> tuple[str, ...]:
+    return (LONG_PROMPT,) if max_new_tokens >= 512 else BENCH_PROMPTS
 
 
 def _sync(device: torch.device) -> None:
@@ -73,32 +104,93 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(args: argparse.Namespace, kind: str, base: Path, adapter: Path | None) -> dict[str, Any]:
-    device = resolve_device(args.device)
-    plain = load_model(base, device=device, dtype=resolve_dtype(args.dtype, device))
-    lm = _load(kind, base, adapter, args)
-    _base_generate(plain, lm, BENCH_PROMPTS[0], 8)  # warm-up
-    lm.generate(BENCH_PROMPTS[0], max_new_tokens=8)
+def _base_generate(lm: GuardedLM, prompts: Sequence[str], max_new_tokens: int) -> int:
+    """transformers ``generate`` on the base (greedy, KV cache, left padding): new tokens,
+    each row counted up to its first EOS."""
+    tokenizer = lm.tokenizer
+    tokenizer.padding_side = "left"
+    texts = [lm.render(p) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = {k: v.to(lm.device) for k, v in batch.items()}
+    model = lm.base_model
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    new = out[:, batch["input_ids"].shape[1] :].tolist()
+    configured = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    return sum(next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in new)
+
+
+def _stream(lm: GuardedLM, prompt: str, max_new_tokens: int, guard: bool) -> dict[str, float]:
+    """One streamed answer: seconds to the first token, longest gap, total, tokens."""
+    started = time.perf_counter()
+    times = []
+    for _ in lm.stream(prompt, max_new_tokens=max_new_tokens, guard=guard):
+        times.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {
+        "ttft": times[0] - started,
+        "max_gap": max(gaps, default=0.0),
+        "seconds": times[-1] - started,
+        "tokens": len(times),
+    }
+
+
+def measure_streaming(
+    lm: GuardedLM, args: argparse.Namespace, max_new_tokens: int = 64
+) -> dict[str, Any]:
+    """Streams of the base alone (``guard=False``) against guarded ones: time to the first
+    token, longest gap between two tokens, and time per token."""
+    base, guarded = [], []
+    for _ in range(args.repeats):
+        for prompt in _prompts(max_new_tokens):
+            base.append(_stream(lm, prompt, max_new_tokens, guard=False))
+            guarded.append(_stream(lm, prompt, max_new_tokens, guard=True))
+    base_ttft = statistics.median(r["ttft"] for r in base)
+    guarded_ttft = statistics.median(r["ttft"] for r in guarded)
+    base_gap = max(r["max_gap"] for r in base)
+    guarded_gap = max(r["max_gap"] for r in guarded)
+
+    def per_token(runs: list[dict[str, float]]) -> float:
+        return sum(r["seconds"] for r in runs) / sum(r["tokens"] for r in runs)
+
+    return {
+        "max_new_tokens": max_new_tokens,
+        "max_stream_delay": lm.config.max_stream_delay,
+        "base_ttft_ms": 1000 * base_ttft,
+        "guarded_ttft_ms": 1000 * guarded_ttft,
+        "ttft_ratio": guarded_ttft / base_ttft,
+        "base_max_gap_ms": 1000 * base_gap,
+        "guarded_max_gap_ms": 1000 * guarded_gap,
+        "max_gap_ratio": guarded_gap / base_gap,
+        "time_ratio": per_token(guarded) / per_token(base),
+    }
+
+
+def measure_length(lm: GuardedLM, max_new_tokens: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Time per token at one length: transformers ``generate`` against ``GuardedLM.generate``."""
     base_s = guarded_s = 0.0
     base_n = guarded_n = spikes = intervened = 0
     for _ in range(args.repeats):
-        for prompt in BENCH_PROMPTS:
-            _sync(device)
-            start = time.perf_counter()
-            base_n += _base_generate(plain, lm, prompt, args.max_new_tokens)
-            _sync(device)
+        for prompt in _prompts(max_new_tokens):
+            _sync(lm.device)
+            started = time.perf_counter()
+            base_n += _base_generate(lm, [prompt], max_new_tokens)
+            _sync(lm.device)
             middle = time.perf_counter()
-            generation = lm.generate(prompt, max_new_tokens=args.max_new_tokens)
-            _sync(device)
+            summary = lm.generate(prompt, max_new_tokens=max_new_tokens).summary
+            _sync(lm.device)
             guarded_s += time.perf_counter() - middle
-            base_s += middle - start
-            guarded_n += generation.summary.tokens
-            spikes += generation.summary.spikes
-            intervened += generation.summary.intervened
+            base_s += middle - started
+            guarded_n += summary.tokens
+            spikes += summary.spikes
+            intervened += summary.intervened
     return {
-        "expert_kind": kind,
-        "device": str(device),
-        "window": lm.config.window,
+        "max_new_tokens": max_new_tokens,
         "base_tokens": base_n,
         "guarded_tokens": guarded_n,
         "base_tokens_per_s": base_n / base_s,
@@ -162,15 +254,112 @@ def constrained_row(lm: GuardedLM, repeats: int, max_new_tokens: int) -> dict[st
     }
 
 
+def measure_batch(lm: GuardedLM, args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput at batch 8 on benign prompts: batched ``generate`` against ``generate_batch``."""
+    prompts = list(BATCH_PROMPTS[: args.batch_size])
+    base_s = guarded_s = 0.0
+    base_n = guarded_n = 0
+    for _ in range(args.repeats):
+        _sync(lm.device)
+        started = time.perf_counter()
+        base_n += _base_generate(lm, prompts, args.batch_tokens)
+        _sync(lm.device)
+        middle = time.perf_counter()
+        generations = lm.generate_batch(prompts, max_new_tokens=args.batch_tokens)
+        _sync(lm.device)
+        guarded_s += time.perf_counter() - middle
+        base_s += middle - started
+        guarded_n += sum(g.summary.tokens for g in generations)
+    base_rate, guarded_rate = base_n / base_s, guarded_n / guarded_s
+    return {
+        "batch_size": len(prompts),
+        "max_new_tokens": args.batch_tokens,
+        "base_tokens_per_s": base_rate,
+        "guarded_tokens_per_s": guarded_rate,
+        "throughput_ratio": guarded_rate / base_rate,
+    }
+
+
+@torch.no_grad()
+def reference_generate(lm: GuardedLM, prompt: str, max_new_tokens: int) -> list[int]:
+    """NGSD as the paper's code decodes: greedy, batch 1, no KV cache, both models run over the
+    whole prefix at every step, the gate and the mix on the last position."""
+    tokens = lm.encode_prompt(prompt)
+    config = lm.config
+    gate = make_gate(config.gate)
+    divergence = DIVERGENCES[config.divergence]
+    alpha = torch.tensor([config.intervention.alpha])
+    state = gate.initial_state(1, lm.device)
+    generated: list[int] = []
+    vocab = len(lm.tokenizer)
+    for _ in range(max_new_tokens):
+        base_ids = torch.tensor([tokens.base + generated], device=lm.device)
+        expert_ids = torch.tensor([tokens.expert + generated], device=lm.device)
+        p_base = torch.softmax(lm.base_model(base_ids).logits[:, -1, :vocab].float(), -1)
+        p_expert = torch.softmax(lm.expert_model(expert_ids).logits[:, -1, :vocab].float(), -1)
+        state, _, spiked = gate.step(state, divergence(p_base, p_expert))
+        if bool(spiked):
+            token = int(intervene(p_base, p_expert, alpha, config.intervention.top_k).argmax())
+        else:
+            token = int(p_base.argmax())
+        generated.append(token)
+        if token == lm.tokenizer.eos_token_id:
+            break
+    return generated
+
+
+def measure_reference(lm: GuardedLM, args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per token of the reference decoding style against the engine (fixed alpha)."""
+    prompt, count = BENCH_PROMPTS[0], args.reference_tokens
+    alpha = lm.config.intervention.alpha
+    _sync(lm.device)
+    started = time.perf_counter()
+    reference = reference_generate(lm, prompt, count)
+    _sync(lm.device)
+    middle = time.perf_counter()
+    guarded = lm.generate(prompt, max_new_tokens=count, alpha=alpha)
+    _sync(lm.device)
+    reference_rate = (middle - started) / len(reference)
+    guarded_rate = (time.perf_counter() - middle) / guarded.summary.tokens
+    return {
+        "max_new_tokens": count,
+        "reference_tokens": len(reference),
+        "guarded_tokens": guarded.summary.tokens,
+        "reference_s_per_token": reference_rate,
+        "guarded_s_per_token": guarded_rate,
+        "speedup": reference_rate / guarded_rate,
+    }
+
+
+def measure_delays(lm: GuardedLM, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Streaming at each ``max_stream_delay`` of ``--delays``: the trade-off between the
+    longest gap and the time per token."""
+    curve = []
+    for text in args.delays.split(","):
+        delay = None if text.strip() == "none" else float(text)
+        tuned = lm.with_options(config=lm.config.model_copy(update={"max_stream_delay": delay}))
+        curve.append(measure_streaming(tuned, args, args.delay_tokens))
+    return curve
+
+
 def _peak_mb(
-    side: str, kind: str, base: Path, adapter: Path | None, args: argparse.Namespace
+    side: str,
+    kind: str,
+    base: Path,
+    adapter: Path | None,
+    max_new_tokens: int,
+    args: argparse.Namespace,
 ) -> float:
+    """Peak memory of one side decoding the prompts of one length, weights included."""
     device = resolve_device(args.device)
     if device.type == "cuda":
+        lm = _load(kind, base, adapter if side == "guarded" else None, args)
+        _probe(lm, side, 8)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        _probe(side, kind, base, adapter, args)
+        _probe(lm, side, max_new_tokens)
         return torch.cuda.max_memory_allocated(device) / 2**20
+    options = {**vars(args), "probe_tokens": max_new_tokens}
     command = [
         sys.executable,
         "-m",
@@ -179,46 +368,75 @@ def _peak_mb(
         kind,
         str(base),
         str(adapter or ""),
-        json.dumps(vars(args), default=str),
+        json.dumps(options, default=str),
     ]
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _probe(
-    side: str, kind: str, base: Path, adapter: Path | None, args: argparse.Namespace
-) -> None:
-    lm = _load(kind, base, adapter if side == "guarded" else None, args)
-    for prompt in BENCH_PROMPTS:
+def _probe(lm: GuardedLM, side: str, max_new_tokens: int) -> None:
+    for prompt in _prompts(max_new_tokens):
         if side == "base":
-            _base_generate(lm.base_model, lm, prompt, args.max_new_tokens)
+            _base_generate(lm, [prompt], max_new_tokens)
         else:
-            lm.generate(prompt, max_new_tokens=args.max_new_tokens)
+            lm.generate(prompt, max_new_tokens=max_new_tokens)
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Bench each expert kind in ``args.experts``; the LoRA run is also the top level."""
+    """Every measurement for each expert kind in ``args.experts``; the first kind's is also
+    the top level of the report."""
     base = resolve(args.model) if args.model else default_model_dir()
+    lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
     runs = []
     with tempfile.TemporaryDirectory() as workdir:
         for kind in [k.strip() for k in args.experts.split(",") if k.strip()]:
             adapter, origin = (None, None)
             if kind == "lora":
                 adapter, origin = _adapter_for(base, Path(workdir))
-            run = _time(args, kind, base, adapter)
-            run["adapter"] = origin
-            run["base_peak_mb"] = _peak_mb("base", kind, base, adapter, args)
-            run["guarded_peak_mb"] = _peak_mb("guarded", kind, base, adapter, args)
-            run["memory_ratio"] = run["guarded_peak_mb"] / run["base_peak_mb"]
+            lm = _load(kind, base, adapter, args)
+            _base_generate(lm, BENCH_PROMPTS[:1], 8)  # warm-up
+            lm.generate(BENCH_PROMPTS[0], max_new_tokens=8)
+            run: dict[str, Any] = {
+                "expert_kind": kind,
+                "adapter": origin,
+                "device": str(lm.device),
+                "dtype": str(next(lm.base_model.parameters()).dtype).removeprefix("torch."),
+                "window": lm.config.window,
+                "max_stream_delay": lm.config.max_stream_delay,
+                "repeats": args.repeats,
+            }
+            measurements: dict[str, Callable[[], Any]] = {
+                "streaming": lambda lm=lm: measure_streaming(lm, args),
+            }
+            if args.batch_size:
+                measurements["batch"] = lambda lm=lm: measure_batch(lm, args)
+            if args.reference_tokens:
+                measurements["reference"] = lambda lm=lm: measure_reference(lm, args)
+            if args.delays:
+                measurements["delays"] = lambda lm=lm: measure_delays(lm, args)
+            run["lengths"] = []
+            for length in lengths:
+                entry = measure_length(lm, length, args)
+                entry["base_peak_mb"] = _peak_mb("base", kind, base, adapter, length, args)
+                entry["guarded_peak_mb"] = _peak_mb("guarded", kind, base, adapter, length, args)
+                entry["memory_ratio"] = entry["guarded_peak_mb"] / entry["base_peak_mb"]
+                run["lengths"].append(entry)
+            for name, measure in measurements.items():
+                run[name] = measure()
             runs.append(run)
-    top = next((r for r in runs if r["expert_kind"] == "lora"), runs[0])
-    return {**top, "runs": runs}
+            del lm
+    return {**runs[0], "runs": runs}
 
 
 def _probe_main(argv: list[str]) -> None:
+    """A fresh process: load one side, warm up, reset the peak RSS, decode, print the peak."""
     side, kind, base, adapter, options = argv
     args = argparse.Namespace(**json.loads(options))
-    _probe(side, kind, Path(base), Path(adapter) if adapter else None, args)
+    path = Path(adapter) if adapter and side == "guarded" else None
+    lm = _load(kind, Path(base), path, args)
+    _probe(lm, side, 8)
+    _reset_peak_rss()
+    _probe(lm, side, args.probe_tokens)
     print(_peak_rss_mb())
 
 

@@ -48,6 +48,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=GuardConfig.model_fields["window"].default,
         help="tokens the base drafts before the expert verifies them (1: step by step)",
     )
+    gate.add_argument(
+        "--max-stream-delay",
+        type=lambda text: None if text == "none" else float(text),
+        default=GuardConfig.model_fields["max_stream_delay"].default,
+        help="seconds a drafted token may wait to be streamed ('none': no bound)",
+    )
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--max-new-tokens", type=int, default=128)
     decoding.add_argument("--temperature", type=float, default=0.0)
@@ -78,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
             seed=args.seed,
         ),
         window=args.window,
+        max_stream_delay=args.max_stream_delay,
     )
 
 
@@ -194,13 +201,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(args)
     if args.json:
         print(json.dumps(report))
-    else:
-        for line in report["runs"]:
+        return 0
+    for run in report["runs"]:
+        print(f"{run['expert_kind']} expert, {run['device']}, {run['dtype']}:")
+        for point in [run["streaming"], *run.get("delays", [])]:
             print(
-                f"{line['expert_kind']:>9}: base {line['base_tokens_per_s']:.1f} tok/s, "
-                f"guarded {line['guarded_tokens_per_s']:.1f} tok/s, "
-                f"time_ratio {line['time_ratio']:.3f}, memory_ratio {line['memory_ratio']:.3f}"
+                f"  streaming {point['max_new_tokens']} tokens, max_stream_delay "
+                f"{point['max_stream_delay']}: first token {point['guarded_ttft_ms']:.0f} vs "
+                f"{point['base_ttft_ms']:.0f} ms (ttft_ratio {point['ttft_ratio']:.2f}), "
+                f"longest gap {point['guarded_max_gap_ms']:.0f} vs "
+                f"{point['base_max_gap_ms']:.0f} ms, time_ratio {point['time_ratio']:.3f}"
             )
+        for entry in run["lengths"]:
+            print(
+                f"  generate {entry['max_new_tokens']} tokens: time_ratio "
+                f"{entry['time_ratio']:.3f}, memory_ratio {entry['memory_ratio']:.3f}"
+            )
+        if "batch" in run:
+            batch = run["batch"]
+            print(
+                f"  batch {batch['batch_size']}: {batch['guarded_tokens_per_s']:.1f} vs "
+                f"{batch['base_tokens_per_s']:.1f} tokens/s "
+                f"(throughput_ratio {batch['throughput_ratio']:.2f})"
+            )
+        if "reference" in run:
+            print(f"  {run['reference']['speedup']:.1f}x faster than the reference decoding")
     return 0
 
 
@@ -220,12 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(demo)
     demo.set_defaults(handler=cmd_demo, max_new_tokens=64)
 
-    bench = commands.add_parser("bench", help="guarded vs base-alone speed and memory")
+    bench = commands.add_parser("bench", help="guarded vs base-alone latency, speed, memory")
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--experts", default="lora", help="comma-separated expert kinds")
+    bench.add_argument("--repeats", type=int, default=2, help="passes over the prompts")
+    bench.add_argument("--lengths", default="64,256,1024", help="new tokens to time ('' skips)")
+    bench.add_argument("--batch-size", type=int, default=8, help="0 skips the batch")
+    bench.add_argument("--batch-tokens", type=int, default=64, help="new tokens per batch row")
     bench.add_argument(
-        "--experts", default="prompted,lora", help="comma-separated expert kinds to bench"
+        "--reference-tokens", type=int, default=256, help="0 skips the reference decoding"
     )
-    bench.add_argument("--repeats", type=int, default=2)
+    bench.add_argument("--delays", default="", help="max_stream_delay values to trade off")
+    bench.add_argument("--delay-tokens", type=int, default=256, help="new tokens per delay")
     add_model_options(bench)
     bench.set_defaults(handler=cmd_bench, max_new_tokens=64)
 

@@ -17,7 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from .alpha import AlphaPolicy, Assessment, FixedAlpha
 from .config import DecodingConfig, GuardConfig
 from .constraints import TokenConstraint
-from .decode import Decoder, RowResult, RowSpec
+from .decode import Decoder
 from .errors import (
     ConfigError,
     ContextTooLongError,
@@ -46,6 +46,7 @@ from .loading import (
     resolve_dtype,
 )
 from .records import GateEvent, Generation, StepRecord, Summary
+from .rows import RowResult, RowSpec
 from .sides import prefill
 from .stopping import RefusalStop
 
@@ -269,6 +270,12 @@ class GuardedLM:
         return self._base.handle.model
 
     @property
+    def expert_model(self) -> torch.nn.Module | None:
+        """The expert's model: the base with its LoRA adapter, a separate model, or (for a
+        prompted expert) the base itself; None without an expert."""
+        return self._expert.runner.handle.model if self._expert is not None else None
+
+    @property
     def context_window(self) -> int:
         config = self.base_model.config
         return int(
@@ -305,19 +312,23 @@ class GuardedLM:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Generation:
-        """Guarded generation for one prompt. Options as in :meth:`stream`."""
-        stream = self.stream(prompt, **options)
+        """Guarded generation for one prompt. Options as in :meth:`stream`.
+
+        Nothing is streamed, so ``config.max_stream_delay`` does not shorten the windows.
+        """
+        stream = self._batch([GenerationRequest(prompt, options)], streaming=False)
         for _ in stream:
             pass
-        return stream.generation
+        return stream.generations[0]
 
     def generate_batch(
         self, prompts: Sequence[Prompt], **options: Unpack[GenerateOptions]
     ) -> list[Generation]:
-        """Guarded generation for many prompts in one batch, all with the same options."""
+        """Guarded generation for many prompts in one batch, all with the same options
+        (not streamed, like :meth:`generate`)."""
         if isinstance(prompts, str) or not prompts:
             raise PromptError("`prompts` must be a non-empty list of prompts")
-        stream = self.stream_requests([GenerationRequest(p, options) for p in prompts])
+        stream = self._batch([GenerationRequest(p, options) for p in prompts], streaming=False)
         for _ in stream:
             pass
         return stream.generations
@@ -352,6 +363,9 @@ class GuardedLM:
         ... ])
         >>> texts = [g.text for g in (list(stream), stream.generations)[1]]  # doctest: +SKIP
         """
+        return self._batch(requests, streaming=True)
+
+    def _batch(self, requests: Sequence[GenerationRequest], *, streaming: bool) -> BatchStream:
         if isinstance(requests, GenerationRequest) or not requests:
             raise PromptError("`requests` must be a non-empty list of GenerationRequest")
         guards = {bool(r.options.get("guard", True)) for r in requests}
@@ -360,11 +374,12 @@ class GuardedLM:
                 "`guard` differs between requests of one batch; stream guarded and "
                 "base-alone requests in separate batches"
             )
-        return BatchStream(self, requests, guard=guards.pop())
+        return BatchStream(self, requests, guard=guards.pop(), streaming=streaming)
 
     async def agenerate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Generation:
         """:meth:`generate` in a worker thread; cancelling the caller stops generation."""
-        stream = self.astream(prompt, **options)
+        batch = self._batch([GenerationRequest(prompt, options)], streaming=False)
+        stream = AsyncTokenStream(TokenStream(batch))
         async for _ in stream:
             pass
         return stream.generation
@@ -501,11 +516,17 @@ class BatchStream:
     ``generations`` once exhausted, or ``generation(row)`` as soon as that row has finished.
     ``cancel(row)`` ends one row ("cancelled") and ``add(request)`` joins a new one at the
     next step; both are safe to call from another thread while this one iterates.
-    ``close()`` cancels every row.
+    ``close()`` cancels every row. ``streaming=False`` (for callers that only read the
+    results) lifts ``config.max_stream_delay``.
     """
 
     def __init__(
-        self, lm: GuardedLM, requests: Sequence[GenerationRequest], *, guard: bool
+        self,
+        lm: GuardedLM,
+        requests: Sequence[GenerationRequest],
+        *,
+        guard: bool,
+        streaming: bool = True,
     ) -> None:
         self._lm = lm
         self._guard = guard
@@ -517,7 +538,9 @@ class BatchStream:
         self._decoder = Decoder(
             base=lm._base,
             expert=expert,
-            config=lm.config,
+            config=lm.config
+            if streaming
+            else lm.config.model_copy(update={"max_stream_delay": None}),
             tokenizer=lm.tokenizer,
             eos_ids=lm._eos_ids,
             assess=lm._assess,

@@ -61,7 +61,8 @@ def replay(
 
     Args:
         p_base, p_expert: (B, T, V) fp32 next-token distributions at each window position.
-        draft: (B, T) the base's drafted tokens. valid: (B, T) bool, False on padding.
+        draft: (B, T) the base's drafted tokens. valid: (B, T) bool, False on padding (a
+            row may have no valid position: it keeps nothing and its state).
         state: the gate state before the window, (B,) tensors.
         alpha: (B,) each row's expert weight. u: (B, T) the uniforms of those token indices.
         sampling: each row's sampling settings. top_k: k of the candidate union.
@@ -92,9 +93,13 @@ def replay(
     # A row stops keeping tokens after its first intervention or its first EOS.
     ends = intervened | torch.isin(chosen, eos.to(device))
     kept = ((ends.cumsum(1) - ends.long()) == 0) & valid
-    last = (kept.long().sum(1) - 1).clamp_min(0).unsqueeze(1)  # (B, 1)
-    new_state = {
-        key: torch.stack([s[key] for s in states], 1).gather(1, last).squeeze(1) for key in state
+    count = kept.long().sum(1)
+    last = (count - 1).clamp_min(0).unsqueeze(1)  # (B, 1)
+    new_state = {  # a row that verified nothing keeps its state
+        key: torch.where(
+            count > 0, torch.stack([s[key] for s in states], 1).gather(1, last).squeeze(1), value
+        )
+        for key, value in state.items()
     }
     return WindowResult(
         kept=kept.cpu(),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from ngsd_guard import GateConfig, GuardConfig, GuardedLM, InterventionConfig
+from ngsd_guard import GateConfig, GenerationRequest, GuardConfig, GuardedLM, InterventionConfig
 
 PROMPTS = ["Tell me a story about a dragon.", "Hi", "What is the capital of France, please?"]
 
@@ -110,6 +110,29 @@ def test_matches_uncached_step_by_step_ngsd(tiny_base, tiny_expert, tokenizer, w
         assert got.token_ids == tokens
         assert [r.spiked for r in got.records] == spikes
     assert sum(spikes) > 0
+
+
+@pytest.mark.parametrize("overlap", [0, 1000])
+@pytest.mark.parametrize("delay", [None, 1e-6])
+def test_every_schedule_gives_the_step_by_step_tokens(
+    tiny_base, tiny_expert, tokenizer, monkeypatch, overlap, delay
+):
+    """Streams whose windows the delay bound cuts to one token, or that grow to the window;
+    verifications beside the base's steps or between them: the tokens of ``window=1``."""
+    monkeypatch.setattr("ngsd_guard.decode.OVERLAP_MAX_TOKENS", overlap)
+    gate = GateConfig(threshold=0.8)
+    step = guarded(tiny_base, tokenizer, tiny_expert, gate=gate, window=1)
+    expected = step.generate_batch(PROMPTS, max_new_tokens=30)
+    assert sum(g.summary.intervened for g in expected) > 0
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=gate, window=8, max_stream_delay=delay)
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        stream = lm.stream(prompt, max_new_tokens=30)
+        records = list(stream)
+        assert [r.token_id for r in records] == want.token_ids
+        assert [r.spiked for r in records] == [r.spiked for r in want.records]
+    batch = lm.stream_requests([GenerationRequest(p, {"max_new_tokens": 30}) for p in PROMPTS])
+    list(batch)
+    assert [g.token_ids for g in batch.generations] == [g.token_ids for g in expected]
 
 
 def test_interventions_happen_and_windows_agree(tiny_base, tiny_expert, tokenizer):
