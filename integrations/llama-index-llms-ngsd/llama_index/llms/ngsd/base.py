@@ -12,6 +12,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
@@ -35,6 +36,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
 
 from ngsd_guard import GateEvent, Generation, GuardConfig, GuardedLM, StepRecord
+from ngsd_guard.loading import DEFAULT_MODEL_NAME, default_model_dir, read_context_window, resolve
 from ngsd_guard.tools import ToolCall, ToolCallConstraint, ToolCallStreamParser
 
 from .events import NGSDGateEvent
@@ -106,7 +108,9 @@ class NGSD(FunctionCallingLLM):
     over their divergence decides when the expert is mixed into the next token. Every
     trigger is sent as a `NGSDGateEvent` through LlamaIndex instrumentation; each streamed
     response carries its gate records in ``raw`` and ``additional_kwargs``, and the last one
-    the generation's summary.
+    the generation's summary and the guard's decision: ``additional_kwargs["ngsd_guarded"]``
+    (the expert changed at least one token) and ``["ngsd_refused"]`` (it turned the answer
+    into a refusal, by the engine's keyword judge).
 
     ``NGSD()`` loads the embedded default model (SmolLM2-135M-Instruct) on first use;
     ``NGSD(guarded=GuardedLM.from_pretrained(...))`` uses a model you loaded. Fields left at
@@ -191,13 +195,24 @@ class NGSD(FunctionCallingLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        guarded = self.guarded
+        """The loaded engine's, or before the first call the model's config file's: reading
+        metadata never loads the model (LlamaIndex reads it in async code too)."""
+        guarded = self._guarded
+        if guarded is not None:
+            context_window: int | None = guarded.context_window
+            config, model_name = guarded.config, guarded.model_name
+        elif self.model == "default":
+            context_window = read_context_window(default_model_dir())
+            config, model_name = self.config or GuardConfig(), DEFAULT_MODEL_NAME
+        else:
+            context_window = read_context_window(resolve(self.model))
+            config, model_name = self.config or GuardConfig(), Path(self.model).name
         return LLMMetadata(
-            context_window=guarded.context_window,
-            num_output=self.max_new_tokens or guarded.config.decoding.max_new_tokens,
+            context_window=context_window or LLMMetadata.model_fields["context_window"].default,
+            num_output=self.max_new_tokens or config.decoding.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
-            model_name=guarded.model_name,
+            model_name=model_name,
         )
 
     def to_payload(self) -> dict[str, Any]:
@@ -511,6 +526,8 @@ class _Reporter:
             additional_kwargs={
                 "ngsd_summary": summary,
                 "ngsd_gate_events": gate_events,
+                "ngsd_guarded": generation.guard_intervened,
+                "ngsd_refused": generation.guard_refused,
                 "finish_reason": generation.finish_reason,
                 **usage,
             },
