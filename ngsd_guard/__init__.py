@@ -11,13 +11,21 @@ from .errors import (
     NGSDError,
     PromptError,
 )
-from .guarded import AsyncTokenStream, GenerateOptions, GuardedLM, TokenStream
+from .guarded import (
+    AsyncTokenStream,
+    BatchStream,
+    GenerateOptions,
+    GenerationRequest,
+    GuardedLM,
+    TokenStream,
+)
 from .records import GateEvent, Generation, StepRecord, Summary
 
 __all__ = [
     "AlphaPolicy",
     "Assessment",
     "AsyncTokenStream",
+    "BatchStream",
     "ConfigError",
     "ContextTooLongError",
     "DecodingConfig",
@@ -25,6 +33,7 @@ __all__ = [
     "GateConfig",
     "GateEvent",
     "GenerateOptions",
+    "GenerationRequest",
     "Generation",
     "GuardConfig",
     "GuardedLM",

@@ -106,6 +106,59 @@ def _time(args: argparse.Namespace, kind: str, base: Path, adapter: Path | None)
         "time_ratio": (guarded_s / guarded_n) / (base_s / base_n),
         "spikes": spikes,
         "intervened": intervened,
+        "constrained": constrained_row(lm, args.repeats, args.max_new_tokens),
+    }
+
+
+FORCED_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+FORCED_PROMPTS = (
+    "What is the weather in Paris?",
+    "Is it raining in Tokyo right now?",
+    "How warm is it in Cairo today?",
+)
+
+
+def constrained_row(lm: GuardedLM, repeats: int, max_new_tokens: int) -> dict[str, Any]:
+    """Guarded decoding of a forced tool call (``tool_choice`` a tool, budget
+    ``max_new_tokens``) against unconstrained guarded decoding of as many tokens, same prompts
+    with the tool rendered, alternating. ``time_ratio`` = constrained s/token over
+    unconstrained s/token."""
+    from .tools import plan_tools
+
+    plan = plan_tools(lm, tools=[FORCED_TOOL], tool_choice="get_weather", max_tokens=max_new_tokens)
+    lm.generate(FORCED_PROMPTS[0], max_new_tokens=8, **plan.options())  # warm-up
+    forced_s = free_s = 0.0
+    forced_n = free_n = 0
+    for _ in range(repeats):
+        for prompt in FORCED_PROMPTS:
+            start = time.perf_counter()
+            forced = lm.generate(prompt, max_new_tokens=max_new_tokens, **plan.options())
+            middle = time.perf_counter()
+            free = lm.generate(prompt, max_new_tokens=forced.summary.tokens, tools=plan.tools)
+            forced_s += middle - start
+            free_s += time.perf_counter() - middle
+            forced_n += forced.summary.tokens
+            free_n += free.summary.tokens
+    return {
+        "forced_tool_call_tokens": forced_n,
+        "unconstrained_tokens": free_n,
+        "forced_tokens_per_s": forced_n / forced_s,
+        "unconstrained_tokens_per_s": free_n / free_s,
+        "time_ratio": (forced_s / forced_n) / (free_s / free_n),
     }
 
 
@@ -138,7 +191,7 @@ def _probe(
     lm = _load(kind, base, adapter if side == "guarded" else None, args)
     for prompt in BENCH_PROMPTS:
         if side == "base":
-            _base_generate(lm._base.handle.model, lm, prompt, args.max_new_tokens)
+            _base_generate(lm.base_model, lm, prompt, args.max_new_tokens)
         else:
             lm.generate(prompt, max_new_tokens=args.max_new_tokens)
 

@@ -84,12 +84,19 @@ class DecodingConfig(_Frozen):
 class GuardConfig(_Frozen):
     """Everything that shapes one guarded decode.
 
-    ``window`` is how many tokens the base drafts before the expert verifies them in one
-    forward; ``window=1`` is step-by-step NGSD. Both give the same tokens.
+    ``window`` is the most tokens a row's base drafts before the expert verifies them in one
+    forward; ``window=1`` is step-by-step NGSD. A row's window starts at 1, doubles while the
+    gate is quiet and halves after an intervention; ``max_stream_delay`` caps it in time: a
+    row is verified before its oldest drafted token would wait longer than that to be
+    streamed (the wait is predicted from the step times measured during the call). Every
+    schedule gives the same tokens.
     """
 
     divergence: DivergenceName = "tv"
     gate: GateConfig = GateConfig()
     intervention: InterventionConfig = InterventionConfig()
     decoding: DecodingConfig = DecodingConfig()
-    window: int = Field(16, ge=1, le=64)
+    window: int = Field(16, ge=1, le=64, description="most tokens drafted per verification")
+    max_stream_delay: float | None = Field(
+        0.3, gt=0, description="seconds a drafted token may wait to be streamed; None: no bound"
+    )

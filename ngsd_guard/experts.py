@@ -95,16 +95,21 @@ class Runner:
         *,
         hidden: bool = False,
         keep: int = 0,
+        adapter_names: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) ids -> ((B, T', V) fp32 logits, (B, H) fp32 last hidden state or None).
 
         ``keep`` > 0 computes the logits of the last ``keep`` positions only (T' = keep).
+        ``adapter_names``: per row, the peft adapter to apply (``"__base__"``: none), for a
+        batch that mixes base and LoRA-expert rows in one forward.
         """
         handle = self.handle
         device = handle.device
         options: dict[str, object] = {handle.cache_argument: cache}
         if keep and handle.keeps_logits:
             options["logits_to_keep"] = keep
+        if adapter_names is not None:
+            options["adapter_names"] = list(adapter_names)
         with handle.lock:
             out = handle.model(
                 input_ids=input_ids.to(device),
@@ -129,6 +134,14 @@ class Expert:
     runner: Runner
     kind: ExpertKind
     safety_prompt: str | None = None
+
+    @property
+    def joint_adapter(self) -> str | None:
+        """For a LoRA expert, the adapter's name: the base's rows and the expert's can then
+        share one forward (the base's rows with the adapter off). None for other kinds."""
+        if self.kind != "lora":
+            return None
+        return str(self.runner.handle.model.active_adapter)
 
     def messages(self, messages: Sequence[Message]) -> list[Message]:
         """The conversation the expert sees: the base's, or it under the safety prompt."""

@@ -17,11 +17,16 @@ GateState = dict[str, torch.Tensor]
 
 
 class Gate(Protocol):
-    """``step(state, D_t) -> (state', potential, spiked)``, all tensors of shape (B,)."""
+    """``step(state, D_t) -> (state', potential, spiked)``, all tensors of shape (B,).
+
+    ``potential(state)`` is the value compared with the threshold, as last left by ``step``.
+    """
 
     def initial_state(
         self, rows: int, device: torch.device, potential: torch.Tensor | None = None
     ) -> GateState: ...
+
+    def potential(self, state: GateState) -> torch.Tensor: ...
 
     def step(
         self, state: GateState, divergence: torch.Tensor
@@ -59,6 +64,9 @@ class LIFGate:
         v = _zeros(rows, device) + self.reset if potential is None else potential.float().clone()
         return {"v": v.to(device)}
 
+    def potential(self, state: GateState) -> torch.Tensor:
+        return state["v"]
+
     def step(
         self, state: GateState, divergence: torch.Tensor
     ) -> tuple[GateState, torch.Tensor, torch.Tensor]:
@@ -79,6 +87,9 @@ class EMAGate:
     ) -> GateState:
         e = _zeros(rows, device) if potential is None else potential.float().clone()
         return {"e": e.to(device)}
+
+    def potential(self, state: GateState) -> torch.Tensor:
+        return state["e"]
 
     def step(
         self, state: GateState, divergence: torch.Tensor
@@ -106,6 +117,9 @@ class AdamGate:
         v = _zeros(rows, device) if potential is None else potential.float().clone().to(device)
         zero = _zeros(rows, device)
         return {"m": zero, "s": zero.clone(), "t": zero.clone(), "v": v}
+
+    def potential(self, state: GateState) -> torch.Tensor:
+        return state["v"]
 
     def step(
         self, state: GateState, divergence: torch.Tensor

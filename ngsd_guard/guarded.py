@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack
 
@@ -14,11 +14,17 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .alpha import AlphaPolicy, FixedAlpha
+from .alpha import AlphaPolicy, Assessment, FixedAlpha
 from .config import DecodingConfig, GuardConfig
 from .constraints import TokenConstraint
-from .decode import RowResult, _Side, decode
-from .errors import ConfigError, ContextTooLongError, ModelNotFoundError, PromptError
+from .decode import Decoder, RowResult, RowSpec
+from .errors import (
+    ConfigError,
+    ContextTooLongError,
+    IncompatibleTokenizerError,
+    ModelNotFoundError,
+    PromptError,
+)
 from .experts import (
     SAFETY_PROMPT,
     Expert,
@@ -40,6 +46,8 @@ from .loading import (
     resolve_dtype,
 )
 from .records import GateEvent, Generation, StepRecord, Summary
+from .sides import prefill
+from .stopping import RefusalStop
 
 Prompt = str | Sequence[Message]
 GateListener = Callable[[GateEvent], object] | Any
@@ -97,6 +105,11 @@ class GuardedLM:
         self._eos_ids = list(eos_ids)
         if not self._eos_ids:
             raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token")
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            raise IncompatibleTokenizerError(
+                f"the tokenizer ({type(tokenizer).__name__}) has no `tokenizers` backend, which "
+                "streaming detokenisation needs; load it with AutoTokenizer (use_fast=True)"
+            )
 
     def with_options(
         self, *, config: GuardConfig | None = None, alpha_policy: AlphaPolicy | None = None
@@ -251,8 +264,13 @@ class GuardedLM:
         return self._expert.kind if self._expert else None
 
     @property
+    def base_model(self) -> torch.nn.Module:
+        """The base model as the engine runs it (for a LoRA expert: without the adapter)."""
+        return self._base.handle.model
+
+    @property
     def context_window(self) -> int:
-        config = self._base.handle.model.config
+        config = self.base_model.config
         return int(
             getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         )
@@ -277,11 +295,11 @@ class GuardedLM:
     def _render(self, messages: list[Message], tools: Sequence[dict[str, Any]] | None) -> str:
         template_tools = None
         if tools:
-            if "tools" in (self.tokenizer.chat_template or ""):
+            from .tools import tool_format, tools_system_prompt
+
+            if tool_format(self.tokenizer).template_tools:
                 template_tools = list(tools)
             else:
-                from .tools import tools_system_prompt
-
                 messages = _with_system(messages, tools_system_prompt(tools))
         return self.tokenizer.apply_chat_template(
             messages, tools=template_tools, add_generation_prompt=True, tokenize=False
@@ -301,13 +319,13 @@ class GuardedLM:
     def generate_batch(
         self, prompts: Sequence[Prompt], **options: Unpack[GenerateOptions]
     ) -> list[Generation]:
-        """Guarded generation for many prompts in one batch (left padding, per-row gates)."""
+        """Guarded generation for many prompts in one batch, all with the same options."""
         if isinstance(prompts, str) or not prompts:
             raise PromptError("`prompts` must be a non-empty list of prompts")
-        run = self._run(list(prompts), **options)
-        for _ in run:
+        stream = self.stream_requests([GenerationRequest(p, options) for p in prompts])
+        for _ in stream:
             pass
-        return run.generations
+        return stream.generations
 
     def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> TokenStream:
         """Stream one StepRecord per generated token; ``.generation`` holds the result after.
@@ -323,7 +341,31 @@ class GuardedLM:
             constraint: restricts the tokens allowed next (forced tool calls, JSON).
             listeners: callables or objects with ``on_gate`` receiving every GateEvent.
         """
-        return TokenStream(self._run([prompt], **options))
+        return TokenStream(self.stream_requests([GenerationRequest(prompt, options)]))
+
+    def stream_requests(self, requests: Sequence[GenerationRequest]) -> BatchStream:
+        """Decode many requests in one batch, each with its own options.
+
+        Iterate the result for the StepRecords of all rows (``record.row`` is the request's
+        index); ``generations`` holds one Generation per request once it is exhausted. Rows
+        give the tokens they give alone. ``cancel(row)`` ends one row, ``add(request)`` joins
+        a new one, both from any thread. ``guard`` must agree across the batch's requests.
+
+        >>> stream = lm.stream_requests([                              # doctest: +SKIP
+        ...     GenerationRequest("Hi", {"max_new_tokens": 8}),
+        ...     GenerationRequest("Bye", {"temperature": 0.7, "seed": 1}),
+        ... ])
+        >>> texts = [g.text for g in (list(stream), stream.generations)[1]]  # doctest: +SKIP
+        """
+        if isinstance(requests, GenerationRequest) or not requests:
+            raise PromptError("`requests` must be a non-empty list of GenerationRequest")
+        guards = {bool(r.options.get("guard", True)) for r in requests}
+        if len(guards) > 1:
+            raise ConfigError(
+                "`guard` differs between requests of one batch; stream guarded and "
+                "base-alone requests in separate batches"
+            )
+        return BatchStream(self, requests, guard=guards.pop())
 
     async def agenerate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Generation:
         """:meth:`generate` in a worker thread; cancelling the caller stops generation."""
@@ -340,21 +382,16 @@ class GuardedLM:
     @torch.no_grad()
     def next_token_logprobs(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, V) fp32 log-probabilities of the base's next token after each raw text."""
-        logits, _ = self._prefill(texts, hidden=False)
-        return torch.log_softmax(logits[:, -1], dim=-1)
+        done = prefill(self._base, [self._checked_ids(t) for t in texts], self._eos_ids[0])
+        return torch.log_softmax(done.logits, dim=-1)
 
     @torch.no_grad()
     def prompt_hidden(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, H) fp32 last-layer hidden state of the base at each raw text's last token."""
-        _, hidden = self._prefill(texts, hidden=True)
-        assert hidden is not None
-        return hidden
-
-    def _prefill(
-        self, texts: Sequence[str], *, hidden: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        side = _Side(self._base, [self._checked_ids(t) for t in texts], self._eos_ids[0])
-        return side.feed(torch.zeros((len(texts), 0), dtype=torch.long), keep=1, hidden=hidden)
+        ids = [self._checked_ids(t) for t in texts]
+        done = prefill(self._base, ids, self._eos_ids[0], hidden=True)
+        assert done.hidden is not None
+        return done.hidden
 
     def _checked_ids(self, text: str) -> list[int]:
         if not isinstance(text, str) or not text.strip():
@@ -367,178 +404,217 @@ class GuardedLM:
             )
         return ids
 
-    def _run(
-        self,
-        prompts: list[Prompt],
-        *,
-        raw: bool = False,
-        tools: Sequence[dict[str, Any]] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        alpha: float | None = None,
-        guard: bool = True,
-        early_stop_after: int | None = None,
-        constraint: TokenConstraint | None = None,
-        listeners: Sequence[GateListener] = (),
-    ) -> _Run:
+    def encode_prompt(
+        self, prompt: Prompt, *, raw: bool = False, tools: Sequence[dict[str, Any]] | None = None
+    ) -> PromptTokens:
+        """The token ids each model is prompted with (the expert's under its safety prompt,
+        for a prompted expert), and the request text the alpha policy reads."""
+        if raw:
+            if not isinstance(prompt, str):
+                raise PromptError("`raw=True` needs a string prompt")
+            text, messages = prompt, [{"role": "user", "content": prompt}]
+        else:
+            messages = _messages(prompt)
+            text = self._render(messages, tools)
+        ids = self._checked_ids(text)
+        expert_ids = ids
+        if self._expert is not None and self._expert.safety_prompt is not None:
+            expert_text = (
+                self.tokenizer.apply_chat_template(self._expert.messages([]), tokenize=False) + text
+                if raw
+                else self._render(self._expert.messages(messages), tools)
+            )
+            expert_ids = self._checked_ids(expert_text)
+        return PromptTokens(base=ids, expert=expert_ids, request=_last_user(messages))
+
+    def _row(self, row: int, request: GenerationRequest) -> _RowRequest:
+        """Validate one request and turn it into the loop's RowSpec (plus what the facade
+        keeps: listeners, the fixed alpha, the prompt length)."""
+        options = dict(request.options)
+        known = set(GenerateOptions.__annotations__)
+        if set(options) - known:
+            raise ConfigError(
+                f"unknown option(s) {sorted(set(options) - known)}; use some of {sorted(known)}"
+            )
+        alpha = options.get("alpha")
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"`alpha` (={alpha}) must be in [0, 1]")
-        base_ids, expert_ids, requests = [], [], []
-        for prompt in prompts:
-            if raw:
-                if not isinstance(prompt, str):
-                    raise PromptError("`raw=True` needs a string prompt")
-                text, messages = prompt, [{"role": "user", "content": prompt}]
-            else:
-                messages = _messages(prompt)
-                text = self._render(messages, tools)
-            ids = self._checked_ids(text)
-            base_ids.append(ids)
-            requests.append(_last_user(messages))
-            if self._expert is not None and self._expert.safety_prompt is not None:
-                expert_text = (
-                    self.tokenizer.apply_chat_template(self._expert.messages([]), tokenize=False)
-                    + text
-                    if raw
-                    else self._render(self._expert.messages(messages), tools)
-                )
-                expert_ids.append(self._checked_ids(expert_text))
-            else:
-                expert_ids.append(ids)
-        updates = {
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "seed": seed,
-            "early_stop_after": early_stop_after,
-        }
-        decoding_fields = self.config.decoding.model_dump()
-        decoding_fields.update({k: v for k, v in updates.items() if v is not None})
-        decoding_fields["stop"] = tuple(dict.fromkeys([*self.config.decoding.stop, *(stop or ())]))
-        longest = max(len(i) for i in [*base_ids, *expert_ids])
-        room = self.context_window - longest
-        decoding_fields["max_new_tokens"] = min(decoding_fields["max_new_tokens"], room)
-        decoding = DecodingConfig(**decoding_fields)
-        config = self.config.model_copy(update={"decoding": decoding})
-        policy = FixedAlpha(alpha) if alpha is not None else self.alpha_policy
-        policy = policy or FixedAlpha(self.config.intervention.alpha)
-        return _Run(
-            self,
-            base_ids,
-            expert_ids,
-            requests,
-            config,
-            policy,
-            guard and self._expert is not None,
-            [constraint] * len(prompts),
-            list(listeners),
+        tokens = self.encode_prompt(
+            request.prompt, raw=bool(options.get("raw", False)), tools=options.get("tools")
         )
+        fields = self.config.decoding.model_dump()
+        for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
+            if options.get(name) is not None:
+                fields[name] = options[name]
+        early_stop_after = options.get("early_stop_after", fields["early_stop_after"])
+        fields["early_stop_after"] = early_stop_after
+        stop = [*self.config.decoding.stop, *(options.get("stop") or ())]
+        fields["stop"] = tuple(dict.fromkeys(stop))
+        room = self.context_window - max(len(tokens.base), len(tokens.expert))
+        fields["max_new_tokens"] = min(fields["max_new_tokens"], room)
+        decoding = DecodingConfig(**fields)
+        constraint = options.get("constraint")
+        spec = RowSpec(
+            row=row,
+            base_ids=tokens.base,
+            expert_ids=tokens.expert,
+            request=tokens.request,
+            decoding=decoding,
+            alpha=alpha,
+            matcher=constraint.matcher() if constraint is not None else None,
+            stopping=(RefusalStop(early_stop_after),) if early_stop_after is not None else (),
+        )
+        return _RowRequest(spec, list(options.get("listeners", ())))
+
+    def _assess(self, requests: Sequence[str], hidden: torch.Tensor) -> list[Assessment]:
+        policy = self.alpha_policy or FixedAlpha(self.config.intervention.alpha)
+        return list(policy.assess(self, requests, hidden))
+
+    @property
+    def _policy_needs_hidden(self) -> bool:
+        policy = self.alpha_policy or FixedAlpha(self.config.intervention.alpha)
+        return bool(getattr(policy, "needs_hidden", True))
 
 
-class _Run:
-    """One call's decode: iterate for records; ``generations`` once exhausted."""
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt as each model sees it, and the request text the alpha policy reads."""
+
+    base: list[int]
+    expert: list[int]
+    request: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One row of a batch (:meth:`GuardedLM.stream_requests`): a prompt and its options."""
+
+    prompt: Prompt
+    options: GenerateOptions = field(default_factory=lambda: GenerateOptions())
+
+
+@dataclass(frozen=True)
+class _RowRequest:
+    spec: RowSpec
+    listeners: list[GateListener]
+
+
+class BatchStream:
+    """The records of a batch of requests, as they are decoded.
+
+    Iterate for the StepRecords of every row (``record.row``: the request's index);
+    ``generations`` once exhausted, or ``generation(row)`` as soon as that row has finished.
+    ``cancel(row)`` ends one row ("cancelled") and ``add(request)`` joins a new one at the
+    next step; both are safe to call from another thread while this one iterates.
+    ``close()`` cancels every row.
+    """
 
     def __init__(
-        self,
-        lm: GuardedLM,
-        base_ids: list[list[int]],
-        expert_ids: list[list[int]],
-        requests: list[str],
-        config: GuardConfig,
-        policy: AlphaPolicy,
-        guard: bool,
-        constraints: list[TokenConstraint | None],
-        listeners: list[GateListener],
+        self, lm: GuardedLM, requests: Sequence[GenerationRequest], *, guard: bool
     ) -> None:
-        self.lm, self.config, self.policy = lm, config, policy
-        self.base_ids, self.expert_ids, self.requests = base_ids, expert_ids, requests
-        self.guard, self.constraints, self.listeners = guard, constraints, listeners
-        self.cancel = threading.Event()
-        self.records: list[list[StepRecord]] = [[] for _ in base_ids]
-        self.generations: list[Generation] = []
-        self.risks: list[float | None] = [None] * len(base_ids)
-        self._iterator = self._records()
+        self._lm = lm
+        self._guard = guard
+        self._lock = threading.Lock()
+        self._rows: list[_RowRequest] = []
+        self._records: list[list[StepRecord]] = []
+        self._generations: list[Generation] | None = None
+        expert = lm._expert if guard else None
+        self._decoder = Decoder(
+            base=lm._base,
+            expert=expert,
+            config=lm.config,
+            tokenizer=lm.tokenizer,
+            eos_ids=lm._eos_ids,
+            assess=lm._assess,
+            policy_needs_hidden=lm._policy_needs_hidden,
+        )
+        for request in requests:
+            self.add(request)
+        self._iterator = self._run()
 
     def __iter__(self) -> Iterator[StepRecord]:
         return self._iterator
 
+    def __next__(self) -> StepRecord:
+        return next(self._iterator)
+
+    @property
+    def rows(self) -> int:
+        """How many requests the stream holds (added ones included)."""
+        return len(self._rows)
+
+    def add(self, request: GenerationRequest) -> int:
+        """Join ``request`` to the batch at the next step; its row index."""
+        if bool(request.options.get("guard", True)) != self._guard:
+            raise ConfigError("`guard` of an added request must match the batch's")
+        with self._lock:
+            row = len(self._rows)
+            prepared = self._lm._row(row, request)
+            self._rows.append(prepared)
+            self._records.append([])
+            self._decoder.add([prepared.spec])
+        return row
+
+    def cancel(self, row: int | None = None) -> None:
+        """End ``row`` at the next step (every row when None), finish reason "cancelled"."""
+        self._decoder.cancel(row)
+
     def close(self) -> None:
-        self.cancel.set()
+        """Cancel every row and stop iterating (call from the iterating thread)."""
+        self._decoder.cancel()
         self._iterator.close()
 
-    def _assess(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assessments = self.policy.assess(self.lm, self.requests, hidden)
-        self.risks = [a.risk for a in assessments]
-        alpha = torch.tensor([a.alpha for a in assessments], dtype=torch.float64)
-        potential = torch.tensor([a.potential for a in assessments], dtype=torch.float32)
-        return alpha, potential
-
-    def _records(self) -> Generator[StepRecord, None, None]:
-        started = time.perf_counter()
-        lm = self.lm
-        results: list[RowResult] = yield from self._decode()
-        seconds = time.perf_counter() - started
-        for row, result in enumerate(results):
-            records = self.records[row]
-            spikes = [r for r in records if r.spiked]
-            summary = Summary(
-                tokens=len(result.token_ids),
-                prompt_tokens=len(self.base_ids[row]),
-                spikes=len(spikes),
-                intervened=sum(r.intervened for r in spikes),
-                mean_divergence=sum(r.divergence for r in records) / max(1, len(records)),
-                alpha=records[0].alpha if records else self.config.intervention.alpha,
-                risk=self.risks[row],
-                seconds=seconds,
-            )
-            self.generations.append(
-                Generation(
-                    text=result.text,
-                    token_ids=result.token_ids,
-                    records=records,
-                    summary=summary,
-                    finish_reason=result.finish_reason or "length",
-                )
-            )
-        del lm
-
-    def _decode(self) -> Generator[StepRecord, None, list[RowResult]]:
-        lm = self.lm
-        expert = lm._expert.runner if self.guard and lm._expert else None
-        inner = decode(
-            base=lm._base,
-            expert=expert,
-            base_prompts=self.base_ids,
-            expert_prompts=self.expert_ids,
-            config=self.config,
-            tokenizer=lm.tokenizer,
-            eos_ids=lm._eos_ids,
-            assess=self._assess,
-            constraints=self.constraints,
-            cancel=self.cancel,
-            want_hidden=getattr(self.policy, "needs_hidden", True),
+    def generation(self, row: int) -> Generation:
+        """The result of ``row``, once it has finished."""
+        result = self._decoder.results.get(row)
+        if result is None:
+            raise RuntimeError(f"row {row} has not finished; iterate the stream further")
+        records = self._records[row]
+        spikes = [r for r in records if r.spiked]
+        summary = Summary(
+            tokens=len(result.token_ids),
+            prompt_tokens=len(self._rows[row].spec.base_ids),
+            spikes=len(spikes),
+            intervened=sum(r.intervened for r in spikes),
+            mean_divergence=sum(r.divergence for r in records) / max(1, len(records)),
+            alpha=records[0].alpha if records else self._lm.config.intervention.alpha,
+            risk=result.risk,
+            seconds=result.seconds,
         )
+        return Generation(
+            text=result.text,
+            token_ids=result.token_ids,
+            records=records,
+            summary=summary,
+            finish_reason=result.finish_reason,
+        )
+
+    @property
+    def generations(self) -> list[Generation]:
+        """One Generation per request, in row order, once the stream is exhausted."""
+        if self._generations is None:
+            raise RuntimeError("the stream has not finished; iterate it to the end first")
+        return self._generations
+
+    def _run(self) -> Generator[StepRecord, None, None]:
+        inner = self._decoder.records()
         try:
-            while True:
-                record = next(inner)
-                self.records[record.row].append(record)
-                if record.spiked:
-                    self._notify(GateEvent.from_record(record))
-                yield record
-        except StopIteration as stop:
-            return stop.value
+            yield from self._forward(inner)
         finally:
             inner.close()
+        self._generations = [self.generation(row) for row in range(len(self._rows))]
 
-    def _notify(self, event: GateEvent) -> None:
-        for listener in self.listeners:
-            handler = getattr(listener, "on_gate", None)
-            (handler or listener)(event)
+    def _forward(
+        self, inner: Generator[StepRecord, None, dict[int, RowResult]]
+    ) -> Generator[StepRecord, None, None]:
+        for record in inner:
+            self._records[record.row].append(record)
+            if record.spiked:
+                event = GateEvent.from_record(record)
+                for listener in self._rows[record.row].listeners:
+                    handler = getattr(listener, "on_gate", None)
+                    (handler or listener)(event)
+            yield record
 
 
 class TokenStream:
@@ -547,27 +623,25 @@ class TokenStream:
     ``close()`` cancels the decode; the model stays usable.
     """
 
-    def __init__(self, run: _Run) -> None:
-        self._run = run
+    def __init__(self, stream: BatchStream) -> None:
+        self._stream = stream
 
     def __iter__(self) -> Iterator[StepRecord]:
-        return iter(self._run)
+        return iter(self._stream)
 
     def __next__(self) -> StepRecord:
-        return next(iter(self._run))
+        return next(self._stream)
 
     def close(self) -> None:
-        self._run.close()
+        self._stream.close()
 
-    @property
-    def cancel_event(self) -> threading.Event:
-        return self._run.cancel
+    def cancel(self) -> None:
+        """Stop the decode at its next step (safe from any thread)."""
+        self._stream.cancel()
 
     @property
     def generation(self) -> Generation:
-        if not self._run.generations:
-            raise RuntimeError("the stream has not finished; iterate it to the end first")
-        return self._run.generations[0]
+        return self._stream.generations[0]
 
 
 _DONE = object()
@@ -596,7 +670,7 @@ class AsyncTokenStream:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the loop closed: nobody is listening any more
-                self._stream.cancel_event.set()
+                self._stream.cancel()
 
         def work() -> None:
             try:
@@ -616,7 +690,7 @@ class AsyncTokenStream:
         try:
             item = await self._queue.get()
         except asyncio.CancelledError:
-            self._stream.cancel_event.set()
+            self._stream.cancel()
             raise
         if item is _DONE:
             self._queue.put_nowait(_DONE)
@@ -626,12 +700,12 @@ class AsyncTokenStream:
         return item  # type: ignore[return-value]
 
     async def aclose(self) -> None:
-        self._stream.cancel_event.set()
+        self._stream.cancel()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
     def __del__(self) -> None:
-        self._stream.cancel_event.set()
+        self._stream.cancel()
 
     @property
     def generation(self) -> Generation:

@@ -4,8 +4,8 @@ potential for the neuron (NGSD, arXiv 2602.02027, Sec. 3.3).
 Three risk readers, all batched, all ``read(lm, requests, hidden) -> (B,) fp32 risk in [0, 10]``:
 
 * :class:`JsonReader` (the paper's way): the base generates a JSON rating of the request on
-  severity S, actionability A, evasion E and targeting T (0-10 each), parsed robustly by
-  :func:`parse_scores`; a parse failure is logged and replaced by ``fallback`` scores.
+  severity S, actionability A, evasion E and targeting T (0-10 each), under the grammar of
+  those four integers (:data:`SCORES_SCHEMA`), so the rating always parses.
 * :class:`LogprobReader`: one batched forward per dimension; the score is the expected value
   of the next number token, ``E[s] = sum_k k p(k) / sum_k p(k)`` over the tokens ``"0".."10"``.
 * :class:`ProbeReader` (Safety-Neurons style): a logistic probe on the base's last-layer hidden
@@ -163,18 +163,26 @@ def parse_scores(text: str) -> dict[str, float] | None:
     return {dim: found[dim] for dim in DIMENSIONS}
 
 
-class JsonReader:
-    """The base generates its JSON rating (greedy, base alone); parsed by :func:`parse_scores`.
+SCORES_SCHEMA: dict = {
+    "type": "object",
+    "properties": {d: {"type": "integer", "minimum": 0, "maximum": 10} for d in DIMENSIONS},
+    "required": list(DIMENSIONS),
+    "additionalProperties": False,
+}
+"""The grammar :class:`JsonReader` generates under: the four scores, integers 0-10, in order."""
 
-    A reply that does not parse is logged (``logging.WARNING``) and rated ``fallback``
-    (S, A, E, T); the default fallback gives risk 5.5, the middle band.
+
+class JsonReader:
+    """The base generates its JSON rating (greedy, base alone) under the grammar of
+    :data:`SCORES_SCHEMA`, so every reply parses into the four scores.
+
+    ``fallback`` (S, A, E, T) rates a reply that still does not parse (a decode cut short, e.g.
+    by cancellation); such a reply is logged at ``WARNING`` and counted in ``failures``.
     """
 
     def __init__(
         self, *, max_new_tokens: int = 48, fallback: Sequence[float] = (5.0, 6.0, 6.0, 5.0)
     ) -> None:
-        if max_new_tokens < 8:
-            raise ConfigError(f"`max_new_tokens` (={max_new_tokens}) must be at least 8")
         if len(fallback) != 4:
             raise ConfigError(f"`fallback` (={fallback!r}) must be four scores S, A, E, T")
         self.max_new_tokens = max_new_tokens
@@ -183,15 +191,24 @@ class JsonReader:
 
     def scores(self, lm: GuardedLM, requests: Sequence[str]) -> torch.Tensor:
         """(B, 4) scores S, A, E, T."""
-        prompts = [lm.render(reflection_messages(r)) + "{" for r in requests]
+        from .tools import JsonConstraint
+
+        # Raises ConfigError when `max_new_tokens` cannot hold the four scores.
+        constraint = JsonConstraint(lm.tokenizer, SCORES_SCHEMA, max_tokens=self.max_new_tokens)
+        prompts = [lm.render(reflection_messages(r)) for r in requests]
         # alpha=0 pins a fixed policy for this inner run: without it the model's own policy
         # (this reader) would be asked again for the rating prompts, recursively.
         generations = lm.generate_batch(
-            prompts, raw=True, guard=False, alpha=0.0, max_new_tokens=self.max_new_tokens
+            prompts,
+            raw=True,
+            guard=False,
+            alpha=0.0,
+            max_new_tokens=self.max_new_tokens,
+            constraint=constraint,
         )
         rows = []
         for request, generation in zip(requests, generations, strict=True):
-            parsed = parse_scores("{" + generation.text)
+            parsed = parse_scores(generation.text)
             if parsed is None:
                 self.failures += 1
                 logger.warning(

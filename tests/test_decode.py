@@ -8,7 +8,6 @@ import threading
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import DynamicCache
 
 from ngsd_guard import GateConfig, GuardConfig, GuardedLM, InterventionConfig
 
@@ -157,7 +156,7 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
         peft_model, tokenizer, config=GuardConfig(gate=GateConfig(tau=4, threshold=0.5))
     )
     assert lm.expert_kind == "lora"
-    base_q = lm._base.handle.model.model.layers[0].self_attn.q_proj
+    base_q = lm.base_model.model.layers[0].self_attn.q_proj
     peft_q = peft_model.get_base_model().model.layers[0].self_attn.q_proj
     assert not hasattr(base_q, "lora_A") and hasattr(peft_q, "lora_A")
     assert base_q.weight.data_ptr() == peft_q.base_layer.weight.data_ptr()  # one copy
@@ -191,8 +190,8 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
 def test_prompted_expert_sees_the_safety_prompt(tiny_base, tokenizer):
     lm = GuardedLM.from_models(tiny_base, tokenizer)
     assert lm.expert_kind == "prompted"
-    run = lm._run(["hello"])
-    assert len(run.expert_ids[0]) > len(run.base_ids[0]) + 20
+    tokens = lm.encode_prompt("hello")
+    assert len(tokens.expert) > len(tokens.base) + 20
     assert lm.generate("hello", max_new_tokens=5).summary.tokens == 5
 
 
@@ -300,7 +299,7 @@ async def test_cancelling_astream_stops_generation(tiny_base, tiny_expert, token
     first = await stream.__anext__()
     await stream.aclose()
     assert first.step == 0
-    assert stream._stream._run.cancel.is_set()
+    assert stream.generation.finish_reason == "cancelled"
     # the instance stays usable
     assert lm.generate(PROMPTS[0], max_new_tokens=3).summary.tokens == 3
 
@@ -319,15 +318,61 @@ def test_probabilities_are_fp32_whatever_the_model_dtype(tiny_base, tiny_expert,
     base = copy.deepcopy(tiny_base).to(torch.bfloat16)
     expert = copy.deepcopy(tiny_expert).to(torch.bfloat16)
     lm = guarded(base, tokenizer, expert, gate=GateConfig(threshold=0.8))
-    run = lm._run([PROMPTS[0]])
-    side_logits, _ = lm._base.forward(
-        torch.tensor([run.base_ids[0]]),
-        torch.ones(1, len(run.base_ids[0]), dtype=torch.long),
-        torch.arange(len(run.base_ids[0])).unsqueeze(0),
-        DynamicCache(),
-        keep=1,
-    )
-    assert side_logits.dtype == torch.float32
+    assert lm.next_token_logprobs([lm.render(PROMPTS[0])]).dtype == torch.float32
     result = lm.generate(PROMPTS[0], max_new_tokens=12)
     assert all(0.0 <= r.divergence <= 1.0 for r in result.records)
     assert result.summary.mean_divergence > 0
+
+
+class _CyclingConstraint:
+    """Token ``j`` of the output must come from subset ``j % 3`` of 300 ids; complete after
+    ``length`` tokens. Counts rollbacks, to show that cut drafts are rewound."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.subsets = [torch.zeros(49152, dtype=torch.bool) for _ in range(3)]
+        for j, subset in enumerate(self.subsets):
+            subset[1000 + 100 * j : 1100 + 100 * j] = True
+        self.rolled_back = 0
+
+    def matcher(self):
+        return _CyclingMatcher(self)
+
+
+class _CyclingMatcher:
+    def __init__(self, constraint: _CyclingConstraint) -> None:
+        self.constraint, self.tokens = constraint, []
+
+    def allowed(self):
+        return self.constraint.subsets[len(self.tokens) % 3]
+
+    def accept(self, token_id):
+        assert self.allowed()[token_id], "accepted a token the matcher did not allow"
+        self.tokens.append(token_id)
+
+    def rollback(self, count):
+        self.constraint.rolled_back += count
+        del self.tokens[len(self.tokens) - count :]
+
+    def is_complete(self):
+        return len(self.tokens) >= self.constraint.length
+
+
+def test_constrained_windowed_equals_step_by_step(tiny_base, tiny_expert, tokenizer):
+    outs = {}
+    for window in (1, 8):
+        lm = guarded(
+            tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=0.5), window=window
+        )
+        constraint = _CyclingConstraint(length=20)
+        outs[window] = lm.generate_batch(PROMPTS, max_new_tokens=30, constraint=constraint)
+        if window > 1:
+            assert constraint.rolled_back > 0
+    assert sum(g.summary.intervened for g in outs[1]) > 0
+    for a, b in zip(outs[1], outs[8], strict=True):
+        assert a.token_ids == b.token_ids
+        assert [r.spiked for r in a.records] == [r.spiked for r in b.records]
+        assert a.finish_reason == "stop" and len(a.token_ids) == 20
+        assert all(
+            1000 + 100 * (j % 3) <= t < 1100 + 100 * (j % 3) for j, t in enumerate(a.token_ids)
+        )

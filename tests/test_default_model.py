@@ -17,7 +17,7 @@ BENIGN = ["Give me three tips for staying focused.", "What is the boiling point 
 
 def test_quiet_gate_is_model_generate_on_the_default_model(default_lm):
     quiet = default_lm.with_options(config=GuardConfig(gate=GateConfig(threshold=float("inf"))))
-    model, tokenizer = default_lm._base.handle.model, default_lm.tokenizer
+    model, tokenizer = default_lm.base_model, default_lm.tokenizer
     for prompt in [HARMFUL, *BENIGN]:
         ids = tokenizer(default_lm.render(prompt), return_tensors="pt", add_special_tokens=False)
         expected = model.generate(**ids, max_new_tokens=24, do_sample=False)

@@ -75,6 +75,7 @@ class FakeLM:
     def generate_batch(self, prompts, **options):
         assert options["guard"] is False and options["raw"] is True
         assert options["alpha"] == 0.0  # a fixed policy: the reader must not recurse
+        self.options = options
         return [SimpleNamespace(text=self.replies[i]) for i in range(len(prompts))]
 
     def next_token_logprobs(self, texts):
@@ -85,16 +86,23 @@ class FakeLM:
         return logprobs
 
 
-def test_json_reader_parses_and_falls_back_with_a_log(caplog):
-    # the reader primes the reply with "{", so the model's text continues the object
-    good = '"severity": 9, "actionability": 9, "evasion": 0, "targeting": 0}'
-    lm = FakeLM(replies=[good, "I will not rate this"])
+def test_json_reader_decodes_under_the_scores_grammar_and_falls_back_with_a_log(caplog, tokenizer):
+    good = '{"severity": 9, "actionability": 9, "evasion": 0, "targeting": 0}'
+    lm = FakeLM(replies=[good, "I will not"])  # the second: a decode cut short (cancelled)
+    lm.tokenizer = tokenizer  # the reader builds its grammar on the real tokenizer
     reader = JsonReader(fallback=(5, 6, 6, 5))
     with caplog.at_level(logging.WARNING, logger="ngsd_guard.reflection"):
         risk = reader.read(lm, ["harmful", "odd"], torch.zeros(2, 4))
     assert risk.tolist() == pytest.approx([9.0, 5.5])
     assert reader.failures == 1
     assert "did not parse" in caplog.text
+    matcher = lm.options["constraint"].matcher()
+    for token in tokenizer.encode(good, add_special_tokens=False):
+        assert matcher.allowed()[token]
+        matcher.accept(token)
+    assert matcher.is_complete()
+    with pytest.raises(ConfigError, match="too small"):
+        JsonReader(max_new_tokens=8).scores(lm, ["x"])
 
 
 def test_logprob_reader_reads_expected_scores_one_forward_per_dimension():

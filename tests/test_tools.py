@@ -1,21 +1,31 @@
-"""Tool prompts, tool-call parsing and the JSON/tool-call constraints (on the real tokenizer)."""
+"""Tool prompts, formats, parsing, the grammar constraints and the tool-choice rules (on the real
+SmolLM2 tokenizer, and on it dressed as the Qwen, Llama 3 and Mistral families)."""
 
 from __future__ import annotations
 
 import json
 import random
-import time
 
+import jsonschema
 import pytest
 import torch
+from family_tokenizers import FAMILIES, family_tokenizer
+from pydantic import BaseModel
+from tiny_models import tiny_llama
 
+from ngsd_guard import ConfigError, GuardedLM
 from ngsd_guard.tools import (
+    HERMES,
     JsonConstraint,
     ToolCall,
     ToolCallConstraint,
     ToolCallStreamParser,
     normalize_tool,
+    normalize_tool_choice,
     parse_tool_calls,
+    plan_tools,
+    response_schema,
+    tool_format,
     tools_system_prompt,
 )
 
@@ -49,7 +59,13 @@ ADD = {
 }
 
 
-# ------------------------------------------------------------------ prompt
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("families")
+    return {family: family_tokenizer(family, directory) for family in FAMILIES}
+
+
+# ------------------------------------------------------------------ prompt and schemas
 
 
 def test_normalize_tool_accepts_both_formats() -> None:
@@ -60,11 +76,47 @@ def test_normalize_tool_accepts_both_formats() -> None:
 
 
 def test_tools_system_prompt_lists_every_schema_and_the_format() -> None:
-    prompt = tools_system_prompt([WEATHER, ADD])
-    lines = prompt.splitlines()
+    lines = tools_system_prompt([WEATHER, ADD]).splitlines()
     assert json.loads(lines[2]) == WEATHER
     assert json.loads(lines[3]) == {"type": "function", "function": ADD}
     assert '<tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>' in lines
+
+
+class Person(BaseModel):
+    name: str
+    age: int | None = None
+
+
+def test_response_schema_spellings() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    wrapper = {"name": "A", "schema": schema, "strict": True}
+    assert response_schema({"type": "json_schema", "json_schema": wrapper}) == schema
+    assert response_schema({"type": "json_schema", "json_schema": schema}) == schema
+    assert response_schema({"type": "json_object"}) == {"type": "object"}
+    assert response_schema({"type": "text"}) is None and response_schema(None) is None
+    assert response_schema(schema) == schema
+    assert response_schema(Person) == Person.model_json_schema()
+    with pytest.raises(ConfigError, match="response_format"):
+        response_schema({"type": "xml"})
+
+
+def test_tool_choice_spellings() -> None:
+    names = ["add", "get_weather"]
+    for spelling, expected in [
+        (None, "auto"),
+        ("auto", "auto"),
+        ("none", "none"),
+        (False, "none"),
+        ("any", "any"),
+        ("required", "any"),
+        (True, "any"),
+        ("add", "add"),
+        ({"type": "function", "function": {"name": "add"}}, "add"),
+        ({"type": "tool", "name": "get_weather"}, "get_weather"),
+    ]:
+        assert normalize_tool_choice(spelling, names) == expected
+    with pytest.raises(ConfigError, match="tool_choice"):
+        normalize_tool_choice("nope", names)
 
 
 # ------------------------------------------------------------------ parsing
@@ -100,7 +152,6 @@ def test_parse_malformed_and_unknown_stay_in_content() -> None:
     unknown = '{"name": "rm_rf", "arguments": {}}'
     assert parse_tool_calls(unknown, tool_names=["add"]) == (unknown, [])
     assert parse_tool_calls('{"a": 1}') == ('{"a": 1}', [])
-    # an unclosed tag at the very end still parses
     _, calls = parse_tool_calls('<tool_call>{"name": "add", "arguments": {"a": 5}}')
     assert calls[0].arguments == {"a": 5}
 
@@ -114,142 +165,196 @@ def test_stream_parser_releases_text_early_and_holds_tags() -> None:
     assert isinstance(pieces[0], ToolCall) and pieces[0].arguments == {"a": 1}
     assert pieces[1:] == [" done"]
     assert parser.finish() == []
-    # "<" that does not open a tag is released once that is certain
     parser = ToolCallStreamParser()
     assert parser.feed("a <to") == ["a "]
     assert parser.feed("p> c") == ["<top> c"]
 
 
+# ------------------------------------------------------------------ formats
+
+
+def test_formats_are_read_from_the_chat_templates(families, tokenizer) -> None:
+    assert tool_format(tokenizer) == HERMES  # SmolLM2's ChatML renders no tools
+    qwen, llama, mistral = (tool_format(families[f]) for f in ("qwen", "llama3", "mistral"))
+    assert (qwen.open_tag, qwen.close_tag, qwen.arguments_key, qwen.as_list) == (
+        "<tool_call>",
+        "</tool_call>",
+        "arguments",
+        False,
+    )
+    assert (llama.open_tag, llama.close_tag, llama.arguments_key, llama.as_list) == (
+        "",
+        "",
+        "parameters",
+        False,
+    )
+    tool_calls_id = families["mistral"].convert_tokens_to_ids("[TOOL_CALLS]")
+    assert mistral.prefix == (tool_calls_id, " ") and mistral.as_list
+    assert all(f.template_tools and f.template_calls for f in (qwen, llama, mistral))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_call_rendered_by_the_template_parses_back(families, family) -> None:
+    """The template's own rendering of a call, decoded as the engine decodes, parses back."""
+    tokenizer = families[family]
+    fmt = tool_format(tokenizer)
+    user = [{"role": "user", "content": "Weather in Oslo?"}]
+    arguments = {"city": "Oslo", "days": 2}
+    call = {"id": "abcdefghi", "type": "function"}
+    call["function"] = {"name": "get_weather", "arguments": arguments}
+    assistant = {"role": "assistant", "content": "", "tool_calls": [call]}
+    head = tokenizer.apply_chat_template(user, tools=[WEATHER], tokenize=False)
+    head = tokenizer.apply_chat_template(
+        user, tools=[WEATHER], tokenize=False, add_generation_prompt=True
+    )
+    full = tokenizer.apply_chat_template([*user, assistant], tools=[WEATHER], tokenize=False)
+    ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    content, calls = parse_tool_calls(text, ["get_weather"], fmt)
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", arguments)]
+    assert content == ""
+    assert parse_tool_calls(fmt.call_text("get_weather", arguments), None, fmt)[1][0].arguments
+
+
 # ------------------------------------------------------------------ constraints
 
 
-def _walk(constraint, text: str, tokenizer) -> list[int]:
+def _walk(matcher, text: str, tokenizer) -> list[int]:
     """Feed the natural tokenisation of ``text``, checking each token is allowed."""
-    generated: list[int] = []
-    for token in tokenizer.encode(text, add_special_tokens=False):
-        mask = constraint.allowed_tokens(generated)
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    for token in tokens:
+        mask = matcher.allowed()
         assert mask.shape == (len(tokenizer),) and mask.dtype == torch.bool
-        assert mask[token], (
-            f"{tokenizer.decode([token])!r} refused after {constraint.text(generated)!r}"
-        )
-        assert not constraint.is_complete(generated)
-        generated.append(token)
-    return generated
+        assert mask[token], f"{tokenizer.decode([token])!r} refused in {text!r}"
+        assert not matcher.is_complete()
+        matcher.accept(token)
+    return tokens
 
 
-def test_tool_call_constraint_accepts_the_natural_tokenisation(tokenizer) -> None:
-    constraint = ToolCallConstraint(tokenizer, [WEATHER, ADD])
-    text = (
-        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "days": 12, '
-        '"unit": "c", "scores": [1.5, -2e3, 0], "verbose": false}}</tool_call>'
-    )
-    generated = _walk(constraint, text, tokenizer)
-    assert constraint.is_complete(generated)
-    assert constraint.text(generated) == text
+def test_json_constraint_accepts_escapes_optionals_maps_and_refs(tokenizer) -> None:
+    schema = {
+        "$defs": {"P": {"type": "object", "properties": {"x": {"type": "number"}}}},
+        "type": "object",
+        "properties": {
+            "text": {"type": "string"},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "where": {"$ref": "#/$defs/P"},
+            "kind": {"anyOf": [{"type": "null"}, {"type": "boolean"}]},
+        },
+        "required": ["text"],
+    }
+    constraint = JsonConstraint(tokenizer, schema)
+    for text in (
+        '{"text": "a \\"quote\\",\\nnew line \\\\ and é\\t", "counts": {"x": 1, "y": -2}}',
+        '{"text": "", "where": {}, "kind": null}',
+        '{"text": "你好", "where": {"x": 0.25}, "kind": true}',
+    ):
+        matcher = constraint.matcher()
+        _walk(matcher, text, tokenizer)
+        assert matcher.is_complete()
+        jsonschema.validate(json.loads(text), schema)
 
 
 def test_tool_call_constraint_masks_exactly(tokenizer) -> None:
     constraint = ToolCallConstraint(tokenizer, [WEATHER, ADD], name="add")
-    prefix = tokenizer.encode(
-        '<tool_call>{"name": "add", "arguments": {"a": ', add_special_tokens=False
-    )
-    allowed = constraint.allowed_tokens(prefix).nonzero().flatten().tolist()
-    texts = {tokenizer.decode([t]) for t in allowed}
-    assert texts == {"-", *"0123456789"}
     assert constraint.tool_names == ["add"]
-    after_zero = constraint.allowed_tokens([*prefix, tokenizer.convert_tokens_to_ids("0")])
-    texts = {tokenizer.decode([t]) for t in after_zero.nonzero().flatten().tolist()}
+    matcher = constraint.matcher()
+    _walk(matcher, '<tool_call>{"name": "add", "arguments": {"a": ', tokenizer)
+    texts = {tokenizer.decode([t]) for t in matcher.allowed().nonzero().flatten().tolist()}
+    assert texts == {"-", *"0123456789"}
+    matcher.accept(tokenizer.convert_tokens_to_ids("0"))
+    texts = {tokenizer.decode([t]) for t in matcher.allowed().nonzero().flatten().tolist()}
     assert "," in texts and all(', "b": '.startswith(t) for t in texts)
     with pytest.raises(ValueError, match="not a tool"):
         ToolCallConstraint(tokenizer, [ADD], name="nope")
 
 
-def test_random_walks_always_parse(tokenizer) -> None:
-    """Any path through the mask ends in a call that parses and fits the schema."""
-    constraint = ToolCallConstraint(tokenizer, [WEATHER, ADD])
+def test_rollback_returns_to_the_same_state(tokenizer) -> None:
+    constraint = JsonConstraint(tokenizer, WEATHER["function"]["parameters"])
+    matcher = constraint.matcher()
+    tokens = _walk(matcher, '{"city": "Paris", "days": 3', tokenizer)
+    expected = matcher.allowed()
+    matcher.rollback(4)
+    assert matcher.accepted == len(tokens) - 4
+    for token in tokens[-4:]:
+        matcher.accept(token)
+    assert torch.equal(matcher.allowed(), expected)
+    with pytest.raises(ValueError, match="not allowed"):
+        matcher.accept(tokenizer.convert_tokens_to_ids("{"))
+
+
+def _random_output(matcher, rng: random.Random, eos: int, limit: int) -> list[int]:
+    """A path through the masks, chosen at random; EOS (when allowed) ends it."""
+    tokens: list[int] = []
+    while not matcher.is_complete():
+        allowed = matcher.allowed().nonzero().flatten().tolist()
+        token = rng.choice(allowed)
+        if token == eos:
+            break
+        matcher.accept(token)
+        tokens.append(token)
+        assert len(tokens) <= limit
+    return tokens
+
+
+def test_random_walks_within_a_budget_always_close_validly(tokenizer) -> None:
+    """Any path through the masks is a valid call, complete within ``max_tokens``."""
     rng = random.Random(0)
-    for _ in range(3):
-        generated: list[int] = []
-        while not constraint.is_complete(generated):
-            allowed = constraint.allowed_tokens(generated).nonzero().flatten().tolist()
-            generated.append(rng.choice(allowed))
-            assert len(generated) < 400
-        content, calls = parse_tool_calls(constraint.text(generated))
-        assert content == "" and len(calls) == 1
-        call = calls[0]
-        if call.name == "add":
-            assert set(call.arguments) == {"a", "b"}
-            assert all(isinstance(v, int) for v in call.arguments.values())
-        else:
-            args = call.arguments
-            assert list(args) == ["city", "days", "unit", "scores", "verbose"]
-            assert isinstance(args["city"], str) and len(args["city"]) <= 256
-            assert isinstance(args["days"], int) and args["unit"] in ("c", "f")
-            assert all(isinstance(v, int | float) for v in args["scores"])
-            assert isinstance(args["verbose"], bool)
-
-
-def test_json_constraint_nested_refs_and_step_cost(tokenizer) -> None:
-    schema = {
-        "type": "object",
-        "$defs": {
-            "Point": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
-        },
-        "properties": {
-            "name": {"type": "string", "maxLength": 5},
-            "where": {"$ref": "#/$defs/Point"},
-            "kind": {"anyOf": [{"type": "null"}, {"type": "boolean"}]},
-        },
-        "required": ["name", "where", "kind"],
-    }
-    constraint = JsonConstraint(tokenizer, schema)
-    text = '{"name": "Ann", "where": {"x": 0.25}, "kind": null}'
-    started = time.perf_counter()
-    generated = _walk(constraint, text, tokenizer)
-    assert (time.perf_counter() - started) / len(generated) < 0.1  # seconds per step, on CPU
-    assert constraint.is_complete(generated)
-    # maxLength: after 5 characters only the closing quote may follow
-    five = tokenizer.encode('{"name": "abcde', add_special_tokens=False)
-    texts = {tokenizer.decode([t]) for t in constraint.allowed_tokens(five).nonzero().flatten()}
-    assert texts and all(t.startswith('"') for t in texts)
-
-
-def test_forced_call_with_the_default_model(default_lm) -> None:
-    constraint = ToolCallConstraint(default_lm.tokenizer, [WEATHER, ADD], name="add")
-    generation = default_lm.generate(
-        "What is 3 plus 5?", tools=[WEATHER, ADD], constraint=constraint, max_new_tokens=40
-    )
-    assert generation.finish_reason == "stop"
-    content, calls = parse_tool_calls(generation.text)
-    assert content == "" and calls[0].name == "add"
-    assert set(calls[0].arguments) == {"a", "b"}
-
-
-def test_budget_closes_the_output_in_time(tokenizer) -> None:
-    """With ``max_tokens``, every path is complete within the budget."""
-    rng = random.Random(1)
-    for budget in (36, 48):
+    for budget in (40, 64):
         constraint = ToolCallConstraint(tokenizer, [WEATHER, ADD], max_tokens=budget)
-        generated: list[int] = []
-        while not constraint.is_complete(generated):
-            allowed = constraint.allowed_tokens(generated).nonzero().flatten().tolist()
-            generated.append(rng.choice(allowed))
-        assert len(generated) <= budget
-        assert len(parse_tool_calls(constraint.text(generated))[1]) == 1
+        for _ in range(3):
+            tokens = _random_output(constraint.matcher(), rng, tokenizer.eos_token_id, budget)
+            content, calls = parse_tool_calls(constraint.text(tokens))
+            assert content == "" and len(calls) == 1
+            tool = {"add": ADD, "get_weather": WEATHER["function"]}[calls[0].name]
+            jsonschema.validate(calls[0].arguments, tool["parameters"])
 
 
-def test_multibyte_characters_only_inside_strings(tokenizer) -> None:
-    constraint = JsonConstraint(tokenizer, {"type": "array", "items": {"type": "string"}})
-    text = '["你好啊集团", "こんにちは"]'
-    generated = _walk(constraint, text, tokenizer)
-    assert constraint.is_complete(generated)
-    assert tokenizer.decode(generated) == text
-    partial = [t for t in range(len(tokenizer)) if tokenizer.decode([t]) == "\ufffd"]
-    assert partial and not constraint.allowed_tokens([])[partial].any()
-
-
-def test_min_tokens_bounds_the_shortest_output(tokenizer) -> None:
-    constraint = ToolCallConstraint(tokenizer, [ADD], max_tokens=64)
+def test_a_budget_below_the_shortest_output_fails_before_decoding(tokenizer) -> None:
     shortest = '<tool_call>{"name": "add", "arguments": {"a": 0, "b": 0}}</tool_call>'
+    constraint = ToolCallConstraint(tokenizer, [ADD], max_tokens=64)
     assert constraint.min_tokens >= len(tokenizer.encode(shortest, add_special_tokens=False))
-    assert constraint.min_tokens <= len(shortest)
+    with pytest.raises(ConfigError, match="`max_tokens` \\(=8\\) is too small"):
+        ToolCallConstraint(tokenizer, [ADD], max_tokens=8)
+
+
+# ------------------------------------------------------------------ the tool-choice rules
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tokenizer):
+    return GuardedLM.from_models(tiny_llama(0), tokenizer)
+
+
+def test_plan_rules(tiny_lm) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "A", "schema": schema}}
+    auto = plan_tools(tiny_lm, tools=[ADD])
+    assert (auto.tools, auto.constraint, auto.tool_names) == ([normalize_tool(ADD)], None, ["add"])
+    assert auto.parser() is not None and auto.inline_tool_calls
+    none = plan_tools(tiny_lm, tools=[ADD], tool_choice="none", response_format=response_format)
+    assert none.tools is None and none.tool_names is None
+    assert isinstance(none.constraint, JsonConstraint) and none.constraint.schema == schema
+    forced = plan_tools(tiny_lm, tools=[ADD, WEATHER], tool_choice={"name": "add"}, max_tokens=40)
+    assert forced.forced and forced.constraint.tool_names == ["add"]
+    assert forced.constraint.max_tokens == 40
+    assert forced.messages([{"role": "user", "content": "x"}]) == [{"role": "user", "content": "x"}]
+    both = plan_tools(tiny_lm, tools=[ADD], response_format=response_format)
+    assert isinstance(both.constraint, ToolCallConstraint) and both.tool_names == ["add"]
+    system = both.messages([{"role": "user", "content": "x"}])[0]
+    assert system["role"] == "system" and json.dumps(schema) in system["content"]
+    assert plan_tools(tiny_lm).options() == {}
+    with pytest.raises(ConfigError, match="no tools"):
+        plan_tools(tiny_lm, tool_choice="required")
+    with pytest.raises(ConfigError, match="too small"):
+        plan_tools(tiny_lm, tools=[ADD], tool_choice="any", max_tokens=5)
+
+
+def test_tool_or_answer_grammar_allows_both(tokenizer, tiny_lm) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    plan = plan_tools(tiny_lm, tools=[ADD], response_format=schema)
+    for text in ('{"n": 3}', '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}'):
+        matcher = plan.constraint.matcher()
+        _walk(matcher, text, tokenizer)
+    _walk(matcher, "</tool_call>", tokenizer)
+    assert matcher.is_complete()

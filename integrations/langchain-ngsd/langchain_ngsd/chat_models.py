@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Literal
@@ -24,8 +24,15 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
-from ngsd_guard import ConfigError, GateEvent, Generation, GuardedLM, StepRecord
-from ngsd_guard.tools import JsonConstraint, ToolCall, ToolCallConstraint, ToolCallStreamParser
+from ngsd_guard import GateEvent, Generation, GuardedLM, StepRecord
+from ngsd_guard.tools import (
+    ToolCall,
+    ToolCallStreamParser,
+    ToolPlan,
+    normalize_tool_choice,
+    plan_tools,
+    tool_format,
+)
 
 from ._engine import GuardedSettings, model_profile
 from .content_blocks import MODEL_PROVIDER
@@ -47,58 +54,6 @@ _PER_CALL = frozenset(
 )
 
 
-def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
-    """``None`` (auto, the model decides), ``"none"`` (no call: the tools are not offered),
-    ``"any"`` (one call of some tool, forced) or a tool name (a call of that tool, forced), from
-    LangChain's and OpenAI's spellings.
-
-    Raises:
-        ValueError: an unknown tool name or ``tool_choice`` value.
-    """
-    if tool_choice in (None, "auto", False):
-        return None
-    if tool_choice == "none":
-        return "none"
-    if tool_choice in ("any", "required", True):
-        return "any"
-    if isinstance(tool_choice, Mapping):
-        tool_choice = tool_choice.get("function", tool_choice).get("name")
-    if isinstance(tool_choice, str) and tool_choice in names:
-        return tool_choice
-    raise ValueError(
-        f"`tool_choice` (={tool_choice!r}) must be 'auto', 'none', 'any', 'required' or one of "
-        f"{names}"
-    )
-
-
-def response_schema(response_format: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The JSON schema the answer must follow, from an OpenAI-style ``response_format``: the
-    ``schema`` of a ``json_schema`` wrapper (``{"name", "schema", "strict"}``, as
-    ``ProviderStrategy`` and ``with_structured_output`` bind it; a bare schema is accepted too),
-    ``{"type": "object"}`` for ``json_object``, None for ``text`` or no format.
-
-    Raises:
-        ValueError: an unknown ``response_format`` type.
-    """
-    if response_format is None:
-        return None
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"type": "object"}
-    if kind == "json_schema":
-        wrapper = response_format.get("json_schema") or {}
-        schema = wrapper.get("schema", wrapper) if isinstance(wrapper, Mapping) else None
-        if isinstance(schema, Mapping):
-            return dict(schema)
-    raise ValueError(
-        f"`response_format` (={dict(response_format)!r}) must be {{'type': 'json_schema', "
-        "'json_schema': {'name': ..., 'schema': {...}}}, {'type': 'json_object'} or "
-        "{'type': 'text'}"
-    )
-
-
 @dataclass
 class _Request:
     """One call, mapped onto the engine."""
@@ -107,7 +62,7 @@ class _Request:
     messages: list[dict[str, Any]]
     options: dict[str, Any]
     model_name: str
-    tool_names: list[str] | None = None
+    plan: ToolPlan
 
 
 @dataclass
@@ -318,45 +273,29 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> _Request:
+        """The engine call: the settings and per-call keywords as ``GuardedLM`` options, and
+        tools, ``tool_choice``, ``response_format`` and the budget mapped by the engine's one
+        set of rules (:func:`ngsd_guard.tools.plan_tools`)."""
         kwargs = dict(kwargs)
         model = kwargs.pop("model", None)
         lm = self.guarded_lm(model)
         options = self.engine_options(stop, kwargs)
-        tools = kwargs.pop("tools", None) or None
-        tool_names = [tool["function"]["name"] for tool in tools] if tools else []
-        choice = normalize_tool_choice(kwargs.pop("tool_choice", None), tool_names)
-        schema = response_schema(kwargs.pop("response_format", None))
+        plan = plan_tools(
+            lm,
+            tools=kwargs.pop("tools", None),
+            tool_choice=kwargs.pop("tool_choice", None),
+            response_format=kwargs.pop("response_format", None),
+            max_tokens=options["max_new_tokens"],
+        )
         unknown = set(kwargs) - _PER_CALL
         if unknown:
             warnings.warn(f"ChatNGSD ignores {sorted(unknown)}", stacklevel=4)
-        chat = _chat(lm, messages)
-        budget = options["max_new_tokens"] or lm.config.decoding.max_new_tokens
-        forced = tools is not None and choice not in (None, "none")
-        if tools is not None and (forced or (choice is None and schema is None)):
-            options["tools"] = tools
-        else:  # "none", or a structured answer the constraint keeps free of calls
-            tool_names = []
-        if forced:
-            name = None if choice == "any" else choice
-            options["constraint"] = ToolCallConstraint(lm.tokenizer, tools, name, max_tokens=budget)
-        elif schema is not None:
-            chat = _with_instruction(
-                chat,
-                f"Answer with one JSON object that follows this JSON schema:\n"
-                f"{json.dumps(schema, ensure_ascii=False)}",
-            )
-            options["constraint"] = JsonConstraint(lm.tokenizer, schema, max_tokens=budget)
-        constraint = options.get("constraint")
-        if constraint is not None and constraint.min_tokens > budget:
-            raise ConfigError(
-                f"`max_tokens` (={budget}) is too small for the forced output, which takes up to "
-                f"{constraint.min_tokens} tokens at its shortest; raise `max_tokens`"
-            )
-        return _Request(lm, chat, options, self.model_label(model), tool_names or None)
+        chat = plan.messages(_chat(lm, messages))
+        options.update(plan.options())
+        return _Request(lm, chat, options, self.model_label(model), plan)
 
     def _translator(self, request: _Request) -> _ChunkTranslator:
-        parser = ToolCallStreamParser(request.tool_names) if request.tool_names else None
-        return _ChunkTranslator(request.model_name, parser)
+        return _ChunkTranslator(request.model_name, request.plan.parser())
 
     def _stream(
         self,
@@ -422,14 +361,9 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
 
 
 def _chat(lm: GuardedLM, messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """The messages for ``lm``'s chat template: tool calls inline unless it renders them."""
-    template_tools = "tools" in (lm.tokenizer.chat_template or "")
-    return to_chat_messages(messages, inline_tool_calls=not template_tools)
-
-
-def _with_instruction(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """Append ``text`` to the system message (adding one first if there is none)."""
-    if messages and messages[0]["role"] == "system":
-        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}".strip()}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
+    """The messages for ``lm``'s chat template: earlier tool calls written into the text in the
+    model's own call format, unless the template renders ``tool_calls``."""
+    call_format = tool_format(lm.tokenizer)
+    if call_format.template_calls:
+        return to_chat_messages(messages, inline_tool_calls=False)
+    return to_chat_messages(messages, call_format=call_format)

@@ -32,7 +32,7 @@ def get_weather(city: str) -> str:
 
 @pytest.fixture(scope="module")
 def llm() -> ChatNGSD:
-    return ChatNGSD(max_tokens=32)
+    return ChatNGSD(max_tokens=48)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ from langchain_core.messages import (
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.tools import tool
 from langchain_ngsd import NGSDLLM, ChatNGSD, GateEventHandler, to_chat_messages
-from langchain_ngsd.chat_models import normalize_tool_choice
 from langgraph.graph import START, StateGraph
 from typing_extensions import TypedDict
 
@@ -77,16 +76,14 @@ def test_to_chat_messages_renders_tool_turns() -> None:
         to_chat_messages([FunctionMessage("x", name="f")])
 
 
-def test_tool_choice_spellings() -> None:
-    names = ["a", "b"]
-    assert normalize_tool_choice(None, names) is None
-    assert normalize_tool_choice("auto", names) is None
-    assert normalize_tool_choice("none", names) == "none"
-    assert normalize_tool_choice("required", names) == "any"
-    assert normalize_tool_choice(True, names) == "any"
-    assert normalize_tool_choice({"type": "function", "function": {"name": "b"}}, names) == "b"
+def test_bind_tools_checks_tool_choice_early() -> None:
+    llm = ChatNGSD()
     with pytest.raises(ValueError, match="tool_choice"):
-        normalize_tool_choice("c", names)
+        llm.bind_tools([get_weather], tool_choice="get_time")
+    bound = llm.bind_tools(
+        [get_weather], tool_choice={"type": "function", "function": {"name": "get_weather"}}
+    )
+    assert bound.kwargs["tool_choice"] == "get_weather"
 
 
 def test_settings_reach_the_engine_and_ls_params() -> None:

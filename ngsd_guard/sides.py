@@ -1,0 +1,187 @@
+"""One model's half of a batched decode: its KV cache, which cache slots are live, and where
+each row's next token goes.
+
+Rows are left-padded at the prefill. Later feeds may be ragged: a row that feeds fewer tokens
+than the widest row fills the rest of its chunk with dead slots (masked out of attention), and
+tokens dropped after a cut draft become dead slots too. Dead slots are reclaimed so that the
+cache tracks the live tokens: a dead tail that every row shares is cropped, and when the dead
+slots that no crop can reach grow past a threshold, every row's live slots are gathered into a
+fresh, left-padded cache. Rows can be removed (finished) or appended (a request that joins).
+
+The position of a token is its index among its row's live tokens, so a compacted or merged
+cache gives the same logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .experts import Runner
+
+COMPACT_MIN_SLOTS = 32
+"""Compact once this many slots (and at least :data:`COMPACT_MIN_SHARE` of the cache) are dead
+in the fullest row."""
+COMPACT_MIN_SHARE = 0.125
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """The result of feeding prompts: the side, and the logits and last hidden state there."""
+
+    side: ModelSide
+    logits: torch.Tensor  # (B, V) fp32: the next-token logits after each prompt
+    hidden: torch.Tensor | None  # (B, H) fp32 at each prompt's last token, if asked
+
+
+class ModelSide:
+    """A batch of rows in one model: KV cache, (B, S) live-slot mask and (B,) next positions."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        next_position: torch.Tensor,
+    ) -> None:
+        self.runner = runner
+        self.cache = cache
+        self.mask = mask
+        self.next_position = next_position
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed (B, T) tokens, row ``r`` its first ``lengths[r]`` (all T when None): the logits
+        after every fed position, (B, T, V) fp32 (those past a row's length are garbage)."""
+        rows, count = tokens.shape
+        steps = torch.arange(count)
+        live = (
+            torch.ones((rows, count), dtype=torch.long)
+            if lengths is None
+            else (steps < lengths.unsqueeze(-1)).long()
+        )
+        positions = self.next_position.unsqueeze(-1) + steps
+        self.mask = torch.cat([self.mask, live], -1)
+        logits, _ = self.runner.forward(tokens, self.mask, positions, self.cache, keep=count)
+        self.next_position = self.next_position + live.sum(-1)
+        return logits
+
+    def forget(self, row: int, count: int) -> None:
+        """Hide the last ``count`` live tokens of ``row`` from every later query."""
+        if count <= 0:
+            return
+        live = self.mask[row].nonzero().flatten()
+        self.mask[row, live[-count:]] = 0
+        self.next_position[row] -= count
+
+    def reclaim(self) -> None:
+        """Crop the dead tail that every row shares; compact when too many slots are dead."""
+        width = self.mask.shape[1]
+        live_any = self.mask.any(0).nonzero()
+        tail = width - (int(live_any[-1]) + 1 if len(live_any) else 0)
+        if tail:
+            self.cache.crop(-tail)
+            self.mask = self.mask[:, : width - tail]
+            width -= tail
+        longest = int(self.mask.sum(-1).max()) if self.rows else 0
+        dead = width - longest
+        if dead >= COMPACT_MIN_SLOTS and dead >= COMPACT_MIN_SHARE * width:
+            self._compact(longest)
+
+    def _compact(self, width: int) -> None:
+        """Gather each row's live slots to the right end of a cache ``width`` slots wide."""
+        order = torch.sort(self.mask, dim=-1, stable=True).indices  # dead slots first
+        index = order[:, -width:]  # (B, width): every live slot, left-padded with dead ones
+        self.mask = self.mask.gather(1, index)
+        for layer in self.cache.layers:
+            layer.keys = _gather_slots(layer.keys, index)
+            layer.values = _gather_slots(layer.values, index)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (a (N,) index), in that order."""
+        self.cache.batch_select_indices(rows.to(self.runner.out_device))
+        self.mask = self.mask[rows]
+        self.next_position = self.next_position[rows]
+
+    def extend(self, other: ModelSide) -> None:
+        """Append ``other``'s rows (same model) after these, left-padding the shorter cache."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat(
+                [_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)]
+            )
+            mine.values = torch.cat(
+                [_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)]
+            )
+        self.next_position = torch.cat([self.next_position, other.next_position])
+
+
+def _gather_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) cache states at the (B, W) slot ``index`` of each row: (B, H, W, D)."""
+    rows, heads, _, dim = states.shape
+    index = index.to(states.device)[:, None, :, None].expand(rows, heads, -1, dim)
+    return states.gather(2, index)
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """``tensor`` with zeros prepended along ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
+
+
+@torch.no_grad()
+def prefill(
+    runner: Runner,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    hidden: bool = False,
+    adapter_names: Sequence[str] | None = None,
+) -> Prefill:
+    """Feed left-padded prompts to a fresh cache: the side, the next-token logits (B, V) and,
+    if ``hidden``, the last-layer hidden state at each prompt's last token (B, H)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache()
+    logits, last_hidden = runner.forward(
+        ids, mask, positions, cache, hidden=hidden, keep=1, adapter_names=adapter_names
+    )
+    side = ModelSide(runner, cache, mask, positions[:, -1] + 1)
+    return Prefill(side, logits[:, -1], last_hidden)
+
+
+def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tuple[Prefill, Prefill]:
+    """Two prefills from one whose first ``rows`` rows belong to the first runner and the rest
+    to the second (a base and its LoRA expert prefilled in one forward)."""
+    side = prefilled.side
+    halves = []
+    for runner, index in zip(
+        runners, (torch.arange(rows), torch.arange(rows, side.rows)), strict=True
+    ):
+        states = [(layer.keys[index], layer.values[index]) for layer in side.cache.layers]
+        part = ModelSide(
+            runner,
+            DynamicCache(ddp_cache_data=states),
+            side.mask[index],
+            side.next_position[index],
+        )
+        hidden = prefilled.hidden[index] if prefilled.hidden is not None else None
+        halves.append(Prefill(part, prefilled.logits[index], hidden))
+    return halves[0], halves[1]
