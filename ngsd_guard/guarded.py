@@ -291,6 +291,11 @@ class GuardedLM:
         """The chat-template text the base sees, ending with the assistant's turn."""
         return self._render(_messages(prompt), tools)
 
+    def token_ids(self, text: str) -> list[int]:
+        """The ids of ``text`` as the engine tokenises a rendered prompt (no special tokens
+        added): what framework token counters should count."""
+        return self._encode(text)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

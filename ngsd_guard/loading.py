@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .errors import ConfigError, ModelNotFoundError
@@ -138,6 +138,15 @@ def load_model(
         path, gguf_file=gguf_file, dtype=dtype, local_files_only=True
     )
     return model.to(device).eval()
+
+
+def read_context_window(path: Path) -> int | None:
+    """The context window (``max_position_embeddings``) of the model in ``path``, read from its
+    config without loading the weights (for frameworks that ask before the first call); None
+    when the config does not say. ``GuardedLM.context_window`` is the loaded model's."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    window = getattr(config, "max_position_embeddings", None)
+    return int(window) if window else None
 
 
 def load_tokenizer(path: Path, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:

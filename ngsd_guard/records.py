@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from .judge import is_refusal
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -65,3 +67,14 @@ class Generation(BaseModel):
     @property
     def gate_events(self) -> list[GateEvent]:
         return [GateEvent.from_record(r) for r in self.records if r.spiked]
+
+    @property
+    def guard_intervened(self) -> bool:
+        """The expert changed at least one token of this answer (``summary.intervened > 0``)."""
+        return self.summary.intervened > 0
+
+    @property
+    def guard_refused(self) -> bool:
+        """The expert changed this answer and it reads as a refusal (the keyword judge,
+        :func:`ngsd_guard.judge.is_refusal`): the guard turned it into a refusal."""
+        return self.guard_intervened and is_refusal(self.text)

@@ -4,15 +4,36 @@ parameters onto ``GuardedLM`` options."""
 from __future__ import annotations
 
 import threading
-from typing import Any
+import uuid
+import weakref
+from typing import Any, Self
 
+from langchain_core.language_models import ModelProfile
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ngsd_guard import GuardConfig, GuardedLM
-from ngsd_guard.loading import DEFAULT_MODEL_NAME
+from ngsd_guard.loading import (
+    DEFAULT_MODEL_NAME,
+    default_model_dir,
+    read_context_window,
+    resolve,
+)
 
 _MODELS: dict[tuple[str, str | None, str | None, str | None], GuardedLM] = {}
 _MODELS_LOCK = threading.Lock()
+_INSTANCE_TOKENS: weakref.WeakKeyDictionary[GuardedLM, str] = weakref.WeakKeyDictionary()
+
+DECODING_SETTINGS = (
+    "temperature",
+    "max_tokens",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "alpha",
+    "guard",
+)
+"""The settings that a call may override with a keyword of the same name."""
 
 
 def load_guarded(
@@ -87,6 +108,64 @@ class GuardedSettings(BaseModel):
             return self._loaded
         return load_guarded(model, guard_config=self.guard_config)
 
+    def engine_identity(self) -> dict[str, Any]:
+        """What decides which weights and gate decode: the settings that load the engine, or,
+        for a ``guarded`` instance passed in (whose weights the settings cannot name), a token
+        unique to that object."""
+        if self.guarded is None:
+            return {
+                "adapter": self.adapter,
+                "expert": self.expert,
+                "guard_config": (
+                    self.guard_config.model_dump() if self.guard_config is not None else None
+                ),
+            }
+        with _MODELS_LOCK:
+            token = _INSTANCE_TOKENS.setdefault(self.guarded, uuid.uuid4().hex)
+        return {"instance": token, "guard_config": self.guarded.config.model_dump()}
+
+    def identifying_params(self) -> dict[str, Any]:
+        """Every setting that changes the output: LangChain builds its LLM-cache key from
+        these (with the per-call keywords), so two models share a cache entry only when they
+        would decode the same way. A guarded and an unguarded model, two adapters, experts,
+        gate configs or sampling settings never do."""
+        params = {name: getattr(self, name) for name in DECODING_SETTINGS}
+        # LangChain sets "stop" to the call's stop strings; the configured ones are kept apart
+        params["configured_stop"] = params.pop("stop")
+        return {"model": self.model_label(), **self.engine_identity(), **params}
+
+    def with_call_settings(self, kwargs: dict[str, Any]) -> Self:
+        """A copy with the per-call overrides in ``kwargs`` (which are removed) folded into the
+        settings, or ``self`` when there are none. For ``BaseLLM``, whose cache key holds the
+        model's settings but not the call's keywords."""
+        overrides = {name: kwargs.pop(name) for name in DECODING_SETTINGS if name in kwargs}
+        model = kwargs.pop("model", None)
+        if model is not None and model != self.model_label():
+            overrides |= {"model": model, "guarded": None, "adapter": None, "expert": None}
+        if not overrides:
+            return self
+        copy = self.model_copy(update=overrides)
+        if "model" in overrides:
+            copy._loaded = None
+        return copy
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """The model's own token ids of ``text`` (LangChain's token counting; no network)."""
+        custom = getattr(self, "custom_get_token_ids", None)
+        if custom is not None:
+            return custom(text)
+        return self.guarded_lm().token_ids(text)
+
+    def context_window(self) -> int | None:
+        """The model's context window, from the loaded engine or else its config file (the
+        weights are not loaded for this)."""
+        if self.guarded is not None:
+            return self.guarded.context_window
+        if self._loaded is not None:
+            return self._loaded.context_window
+        path = default_model_dir() if self.model == DEFAULT_MODEL_NAME else resolve(self.model)
+        return read_context_window(path)
+
     def model_label(self, model: str | None = None) -> str:
         """The name reported as ``model_name``."""
         if model is not None:
@@ -124,3 +203,32 @@ class GuardedSettings(BaseModel):
         if "ls_stop" not in params and self.stop:
             params["ls_stop"] = self.stop
         return params
+
+
+def model_profile(settings: GuardedSettings) -> ModelProfile:
+    """What ChatNGSD supports, for LangChain's model profile: text in and out, tool calling
+    with forced choices, native structured output (constrained decoding), and the context
+    window as ``max_input_tokens`` (left out when the model's config does not give one)."""
+    profile = ModelProfile(
+        name=settings.model_label(),
+        open_weights=True,
+        text_inputs=True,
+        image_inputs=False,
+        audio_inputs=False,
+        video_inputs=False,
+        pdf_inputs=False,
+        text_outputs=True,
+        image_outputs=False,
+        audio_outputs=False,
+        video_outputs=False,
+        reasoning_output=False,
+        tool_calling=True,
+        tool_choice=True,
+        tool_call_streaming=True,
+        structured_output=True,
+        temperature=True,
+    )
+    window = settings.context_window()
+    if window is not None:
+        profile["max_input_tokens"] = window
+    return profile

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, LanguageModelInput, ModelProfile
 from langchain_core.language_models.chat_models import (
     agenerate_from_stream,
     generate_from_stream,
@@ -26,42 +26,32 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from ngsd_guard import GateEvent, Generation, GuardedLM, StepRecord
 from ngsd_guard.tools import (
-    JsonConstraint,
     ToolCall,
-    ToolCallConstraint,
     ToolCallStreamParser,
-    response_schema,
+    ToolPlan,
+    normalize_tool_choice,
+    plan_tools,
+    tool_format,
 )
 
-from ._engine import GuardedSettings
+from ._engine import GuardedSettings, model_profile
+from .content_blocks import MODEL_PROVIDER
 from .events import aemit_gate_event, emit_gate_event
 from .messages import to_chat_messages
 
 __all__ = ["ChatNGSD"]
 
 _PER_CALL = frozenset(
-    {"tools", "tool_choice", "parallel_tool_calls", "response_format", "model", "stream_usage"}
+    {
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "strict",
+        "model",
+        "stream_usage",
+    }
 )
-
-
-def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
-    """``None`` (auto, the model decides), ``"any"`` (one call of some tool, forced) or a tool
-    name (a call of that tool, forced), from LangChain's spellings.
-
-    Raises:
-        ValueError: an unknown tool name or ``tool_choice`` value.
-    """
-    if tool_choice in (None, "auto", False, "none"):
-        return None
-    if tool_choice in ("any", "required", True):
-        return "any"
-    if isinstance(tool_choice, Mapping):
-        tool_choice = tool_choice.get("function", tool_choice).get("name")
-    if isinstance(tool_choice, str) and tool_choice in names:
-        return tool_choice
-    raise ValueError(
-        f"`tool_choice` (={tool_choice!r}) must be 'auto', 'any', 'required' or one of {names}"
-    )
 
 
 @dataclass
@@ -72,7 +62,7 @@ class _Request:
     messages: list[dict[str, Any]]
     options: dict[str, Any]
     model_name: str
-    tool_names: list[str] | None = None
+    plan: ToolPlan
 
 
 @dataclass
@@ -87,10 +77,12 @@ class _ChunkTranslator:
 
     def step(self, record: StepRecord) -> ChatGenerationChunk:
         pieces = self.parser.feed(record.text) if self.parser is not None else [record.text]
-        metadata: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if record.spiked:
-            metadata["ngsd_gate_events"] = [GateEvent.from_record(record).model_dump()]
-        return self._chunk(pieces, response_metadata=metadata)
+            extra["ngsd_gate_events"] = [GateEvent.from_record(record).model_dump()]
+        return self._chunk(
+            pieces, additional_kwargs=extra, response_metadata={"model_provider": MODEL_PROVIDER}
+        )
 
     def finish(self, generation: Generation) -> ChatGenerationChunk:
         pieces = self.parser.finish() if self.parser is not None else []
@@ -101,9 +93,12 @@ class _ChunkTranslator:
         return self._chunk(
             pieces,
             response_metadata={
+                "model_provider": MODEL_PROVIDER,
                 "model_name": self.model_name,
                 "finish_reason": finish_reason,
                 "ngsd_summary": summary.model_dump(),
+                "ngsd_guarded": generation.guard_intervened,
+                "ngsd_refused": generation.guard_refused,
             },
             usage_metadata={
                 "input_tokens": summary.prompt_tokens,
@@ -151,22 +146,32 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
 
     Gate events (spikes) reach LangChain users through:
 
-    * the chunks: ``response_metadata["ngsd_gate_events"]`` is a list on the chunk of the token
-      that spiked, so adding chunks up collects them all in order;
+    * the chunks: ``additional_kwargs["ngsd_gate_events"]`` is a list on the chunk of the token
+      that spiked; LangChain merges lists by concatenation (``chunk + chunk``,
+      ``astream_events`` v2 and v3), so the final message holds every event in order;
     * custom events named ``ngsd_gate`` (``astream_events(version="v2")``, ``on_custom_event``,
       :class:`~langchain_ngsd.GateEventHandler`), parented to the model's own run;
     * LangGraph's stream writer when running inside a graph (``stream_mode="custom"`` items
       ``{"ngsd_gate": {...}}``).
 
-    The final message has ``response_metadata["ngsd_summary"]`` (spikes, intervened tokens,
-    alpha, risk, ...), ``usage_metadata`` and ``response_metadata["model_name"]``.
+    The guard's decision is on the final message's ``response_metadata``: ``ngsd_summary``
+    (spikes, intervened tokens, alpha, risk, ...), ``ngsd_guarded`` (the expert changed at
+    least one token) and ``ngsd_refused`` (it changed the answer into a refusal, by the
+    engine's keyword judge). A refused answer also carries a standard ``{"type": "refusal"}``
+    block in ``message.content_blocks`` (so ``ModelRefusalMiddleware`` sees it), next to its
+    text. ``model_provider`` is ``"ngsd"``; ``usage_metadata`` and ``model_name`` as usual.
 
     Tools: ``bind_tools`` renders tools into the prompt through the engine; calls written as
     ``<tool_call>{...}</tool_call>`` (or bare JSON) become ``tool_calls``. ``tool_choice="any"``
     / ``"required"`` or a tool name forces one valid call by constrained decoding (the gate
-    still runs on the constrained distribution). ``with_structured_output`` constrains the
-    output to the schema's JSON (``method="json_schema"``, the default, or ``"json_mode"``) or
-    uses a forced tool call (``"function_calling"``).
+    still runs on the constrained distribution); ``"none"`` does not offer the tools.
+    ``with_structured_output`` and ``response_format`` (``ProviderStrategy``) constrain the
+    output to the schema's JSON (``method="json_schema"``, the default, or ``"json_mode"``,
+    also without a schema) or use a forced tool call (``"function_calling"``).
+
+    Token counting (``get_num_tokens``, ``get_num_tokens_from_messages``) uses the model's own
+    tokenizer and chat template, offline; ``profile`` gives the context window and the
+    capabilities to ``create_agent``'s strategies and the summarization middleware.
 
     >>> from langchain_ngsd import ChatNGSD
     >>> llm = ChatNGSD(max_tokens=64)                                  # doctest: +SKIP
@@ -179,12 +184,20 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model": self.model_label(),
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "alpha": self.alpha,
-        }
+        return self.identifying_params()
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        return model_profile(self)
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """The tokens of the prompt the model sees for ``messages`` (and ``tools``): the chat
+        template's rendering, counted with the model's tokenizer."""
+        lm = self.guarded_lm()
+        formatted = [convert_to_openai_tool(tool) for tool in tools or ()] or None
+        prompt = lm.render(_chat(lm, messages), tools=formatted)
+        return len(lm.token_ids(prompt))
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         return self.ls_params(dict(super()._get_ls_params(stop=stop, **kwargs)), kwargs)
@@ -198,8 +211,8 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (converted to OpenAI format). ``tool_choice``: ``None``/``"auto"`` lets
-        the model decide; ``"any"``/``"required"`` forces one call; a tool name forces that
-        tool."""
+        the model decide; ``"none"`` does not offer the tools; ``"any"``/``"required"`` forces
+        one call; a tool name forces that tool."""
         formatted = [convert_to_openai_tool(tool) for tool in tools]
         names = [tool["function"]["name"] for tool in formatted]
         choice = normalize_tool_choice(tool_choice, names)
@@ -207,7 +220,7 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
 
     def with_structured_output(
         self,
-        schema: dict[str, Any] | type,
+        schema: dict[str, Any] | type | None = None,
         *,
         include_raw: bool = False,
         method: Literal["json_schema", "json_mode", "function_calling"] = "json_schema",
@@ -217,20 +230,28 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
         """Output that follows ``schema`` (pydantic class, TypedDict or JSON schema).
 
         ``json_schema`` and ``json_mode`` constrain decoding to a JSON value valid for the
-        schema (``strict`` has no further effect: the output is always valid);
-        ``function_calling`` forces a tool call of the schema.
+        schema (``strict`` has no further effect: the output is always valid); ``json_mode``
+        without a schema constrains to a JSON object; ``function_calling`` forces a tool call
+        of the schema.
         """
         if kwargs:
             raise ValueError(f"unsupported arguments {sorted(kwargs)}")
-        if method == "function_calling":
-            return super().with_structured_output(schema, include_raw=include_raw)
-        if method not in ("json_schema", "json_mode"):
+        if method not in ("json_schema", "json_mode", "function_calling"):
             raise ValueError(
                 f"`method` (={method!r}) must be 'json_schema', 'json_mode' or 'function_calling'"
             )
-        json_schema = convert_to_json_schema(schema)
+        if schema is None and method != "json_mode":
+            raise ValueError(f"`schema` is required with `method` (={method!r}); pass a schema")
+        if method == "function_calling":
+            return super().with_structured_output(schema, include_raw=include_raw)
+        if schema is None:
+            response_format: dict[str, Any] = {"type": "json_object"}
+        else:
+            json_schema = convert_to_json_schema(schema)
+            wrapper = {"name": json_schema.get("title", "response"), "schema": json_schema}
+            response_format = {"type": "json_schema", "json_schema": wrapper}
         llm = self.bind(
-            response_format={"type": "json_schema", "json_schema": json_schema},
+            response_format=response_format,
             ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
         )
         parser: Runnable[Any, Any]
@@ -252,42 +273,29 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> _Request:
+        """The engine call: the settings and per-call keywords as ``GuardedLM`` options, and
+        tools, ``tool_choice``, ``response_format`` and the budget mapped by the engine's one
+        set of rules (:func:`ngsd_guard.tools.plan_tools`)."""
         kwargs = dict(kwargs)
         model = kwargs.pop("model", None)
         lm = self.guarded_lm(model)
         options = self.engine_options(stop, kwargs)
-        tools = kwargs.pop("tools", None) or None
-        tool_choice = kwargs.pop("tool_choice", None)
-        response_format = kwargs.pop("response_format", None)
+        plan = plan_tools(
+            lm,
+            tools=kwargs.pop("tools", None),
+            tool_choice=kwargs.pop("tool_choice", None),
+            response_format=kwargs.pop("response_format", None),
+            max_tokens=options["max_new_tokens"],
+        )
         unknown = set(kwargs) - _PER_CALL
         if unknown:
             warnings.warn(f"ChatNGSD ignores {sorted(unknown)}", stacklevel=4)
-        template_tools = "tools" in (lm.tokenizer.chat_template or "")
-        chat = to_chat_messages(messages, inline_tool_calls=not template_tools)
-        budget = options["max_new_tokens"] or lm.config.decoding.max_new_tokens
-        tool_names = None
-        schema = response_schema(response_format)
-        if schema is not None:
-            chat = _with_instruction(
-                chat,
-                f"Answer with one JSON object that follows this JSON schema:\n"
-                f"{json.dumps(schema, ensure_ascii=False)}",
-            )
-            options["constraint"] = JsonConstraint(lm.tokenizer, schema, max_tokens=budget)
-        elif tools:
-            options["tools"] = tools
-            tool_names = [tool["function"]["name"] for tool in tools]
-            choice = normalize_tool_choice(tool_choice, tool_names)
-            if choice is not None:
-                name = None if choice == "any" else choice
-                options["constraint"] = ToolCallConstraint(
-                    lm.tokenizer, tools, name, max_tokens=budget
-                )
-        return _Request(lm, chat, options, self.model_label(model), tool_names)
+        chat = plan.messages(_chat(lm, messages))
+        options.update(plan.options())
+        return _Request(lm, chat, options, self.model_label(model), plan)
 
     def _translator(self, request: _Request) -> _ChunkTranslator:
-        parser = ToolCallStreamParser(request.tool_names) if request.tool_names else None
-        return _ChunkTranslator(request.model_name, parser)
+        return _ChunkTranslator(request.model_name, request.plan.parser())
 
     def _stream(
         self,
@@ -352,9 +360,10 @@ class ChatNGSD(GuardedSettings, BaseChatModel):
         return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
 
 
-def _with_instruction(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """Append ``text`` to the system message (adding one first if there is none)."""
-    if messages and messages[0]["role"] == "system":
-        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}".strip()}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
+def _chat(lm: GuardedLM, messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """The messages for ``lm``'s chat template: earlier tool calls written into the text in the
+    model's own call format, unless the template renders ``tool_calls``."""
+    call_format = tool_format(lm.tokenizer)
+    if call_format.template_calls:
+        return to_chat_messages(messages, inline_tool_calls=False)
+    return to_chat_messages(messages, call_format=call_format)

@@ -22,11 +22,7 @@ from langchain_core.callbacks import (
     dispatch_custom_event,
 )
 from langchain_core.runnables import RunnableConfig
-from langchain_core.runnables.config import (
-    ensure_config,
-    get_callback_manager_for_config,
-    var_child_runnable_config,
-)
+from langchain_core.runnables.config import ensure_config, get_callback_manager_for_config
 
 from ngsd_guard import GateEvent
 
@@ -34,8 +30,6 @@ __all__ = ["GATE_EVENT", "GateEventHandler"]
 
 GATE_EVENT = "ngsd_gate"
 """The name of the custom event (and of the key in LangGraph ``stream_mode="custom"`` items)."""
-
-_LANGGRAPH_RUNTIME = "__pregel_runtime"
 
 
 class GateEventHandler(BaseCallbackHandler):
@@ -75,13 +69,17 @@ class GateEventHandler(BaseCallbackHandler):
 
 
 def _graph_writer() -> Callable[[Any], None] | None:
-    """LangGraph's stream writer when running inside a graph node, else None."""
-    config = var_child_runnable_config.get()
-    if not config or _LANGGRAPH_RUNTIME not in config.get("configurable", {}):
+    """LangGraph's stream writer when running inside a graph node, else None (also when
+    LangGraph is not installed). ``get_stream_writer`` raises outside a runnable context
+    (RuntimeError) and in a runnable that no graph runs (KeyError: no graph runtime)."""
+    try:
+        from langgraph.config import get_stream_writer
+    except ImportError:
         return None
-    from langgraph.config import get_stream_writer
-
-    return get_stream_writer()
+    try:
+        return get_stream_writer()
+    except (RuntimeError, KeyError):
+        return None
 
 
 def _model_run_manager(run_manager: Any, manager_class: type) -> Any:

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+    Callbacks,
+)
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import GenerationChunk, LLMResult
 from pydantic import Field
@@ -30,7 +34,10 @@ def _last_chunk(generation: Generation, model_name: str) -> GenerationChunk:
         generation_info={
             "finish_reason": generation.finish_reason,
             "model_name": model_name,
+            "model_provider": "ngsd",
             "ngsd_summary": summary.model_dump(),
+            "ngsd_guarded": generation.guard_intervened,
+            "ngsd_refused": generation.guard_refused,
             "usage": {
                 "input_tokens": summary.prompt_tokens,
                 "output_tokens": summary.tokens,
@@ -47,7 +54,13 @@ class NGSDLLM(GuardedSettings, BaseLLM):
     Each token is a ``GenerationChunk``; a spike adds ``generation_info["ngsd_gate_events"]``
     (a list, so chunks add up) and is sent as custom event ``ngsd_gate`` and to LangGraph's
     stream writer, as in :class:`~langchain_ngsd.ChatNGSD`. The final ``generation_info`` has
-    ``ngsd_summary``, ``usage``, ``finish_reason`` and ``model_name``.
+    ``ngsd_summary``, ``ngsd_guarded``, ``ngsd_refused``, ``usage``, ``finish_reason``,
+    ``model_name`` and ``model_provider``.
+
+    Per-call settings (``llm.invoke(text, guard=False)``, ``temperature=...``) are folded
+    into the model's settings before LangChain looks up its LLM cache, whose key for a
+    completion model holds the settings only: a call never reuses an answer decoded with
+    other settings.
     """
 
     raw: bool = Field(default=False, description="tokenise the prompt as is (no chat template)")
@@ -58,7 +71,37 @@ class NGSDLLM(GuardedSettings, BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model_label(), "raw": self.raw, "max_tokens": self.max_tokens}
+        return {**self.identifying_params(), "raw": self.raw}
+
+    def generate(  # type: ignore[override]
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        llm = self._with_call_settings(kwargs)
+        if llm is not self:
+            return llm.generate(prompts, stop, callbacks, **kwargs)
+        return super().generate(prompts, stop, callbacks, **kwargs)
+
+    async def agenerate(  # type: ignore[override]
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        llm = self._with_call_settings(kwargs)
+        if llm is not self:
+            return await llm.agenerate(prompts, stop, callbacks, **kwargs)
+        return await super().agenerate(prompts, stop, callbacks, **kwargs)
+
+    def _with_call_settings(self, kwargs: dict[str, Any]) -> NGSDLLM:
+        llm = self.with_call_settings(kwargs)
+        if "raw" in kwargs:
+            llm = llm.model_copy(update={"raw": kwargs.pop("raw")})
+        return llm
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         return self.ls_params(dict(super()._get_ls_params(stop=stop, **kwargs)), kwargs)

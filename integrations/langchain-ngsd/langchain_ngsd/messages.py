@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,26 +14,25 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-from ngsd_guard.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from ngsd_guard.tools import HERMES, ToolFormat
 
 __all__ = ["to_chat_messages"]
 
 
-def _tool_call_text(name: str, args: dict[str, Any]) -> str:
-    call = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
-    return f"{TOOL_CALL_OPEN}{call}{TOOL_CALL_CLOSE}"
-
-
 def to_chat_messages(
-    messages: Sequence[BaseMessage], *, inline_tool_calls: bool = True
+    messages: Sequence[BaseMessage],
+    *,
+    inline_tool_calls: bool = True,
+    call_format: ToolFormat = HERMES,
 ) -> list[dict[str, Any]]:
     """Convert LangChain messages to ``{"role", "content"}`` dicts for a chat template.
 
     Text blocks are joined; other content blocks (e.g. Anthropic ``tool_use``) are dropped, as
     the message's ``tool_calls`` carry the calls. An ``AIMessage``'s tool calls are written into
-    its content as ``<tool_call>{...}</tool_call>`` (``inline_tool_calls=True``, for templates
-    without tool support: the format the model is asked to use) or passed as OpenAI-style
-    ``tool_calls`` for templates that render them. A ``ToolMessage`` becomes role ``tool``.
+    its content in ``call_format`` (``inline_tool_calls=True``, for templates that do not render
+    ``tool_calls``: the model's own call format, by default Hermes
+    ``<tool_call>{...}</tool_call>``) or passed as OpenAI-style ``tool_calls`` for templates
+    that render them. A ``ToolMessage`` becomes role ``tool``.
 
     Raises:
         TypeError: a message type with no chat role (e.g. a ``FunctionMessage``).
@@ -48,7 +46,7 @@ def to_chat_messages(
         elif isinstance(message, AIMessage):
             entry: dict[str, Any] = {"role": "assistant", "content": message.text}
             if message.tool_calls and inline_tool_calls:
-                calls = [_tool_call_text(c["name"], c["args"]) for c in message.tool_calls]
+                calls = [call_format.call_text(c["name"], c["args"]) for c in message.tool_calls]
                 entry["content"] = "\n".join(filter(None, [message.text, *calls]))
             elif message.tool_calls:
                 entry["tool_calls"] = [

@@ -20,7 +20,6 @@ from langchain_core.messages import (
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.tools import tool
 from langchain_ngsd import NGSDLLM, ChatNGSD, GateEventHandler, to_chat_messages
-from langchain_ngsd.chat_models import normalize_tool_choice
 from langgraph.graph import START, StateGraph
 from typing_extensions import TypedDict
 
@@ -77,15 +76,14 @@ def test_to_chat_messages_renders_tool_turns() -> None:
         to_chat_messages([FunctionMessage("x", name="f")])
 
 
-def test_tool_choice_spellings() -> None:
-    names = ["a", "b"]
-    assert normalize_tool_choice(None, names) is None
-    assert normalize_tool_choice("auto", names) is None
-    assert normalize_tool_choice("required", names) == "any"
-    assert normalize_tool_choice(True, names) == "any"
-    assert normalize_tool_choice({"type": "function", "function": {"name": "b"}}, names) == "b"
+def test_bind_tools_checks_tool_choice_early() -> None:
+    llm = ChatNGSD()
     with pytest.raises(ValueError, match="tool_choice"):
-        normalize_tool_choice("c", names)
+        llm.bind_tools([get_weather], tool_choice="get_time")
+    bound = llm.bind_tools(
+        [get_weather], tool_choice={"type": "function", "function": {"name": "get_weather"}}
+    )
+    assert bound.kwargs["tool_choice"] == "get_weather"
 
 
 def test_settings_reach_the_engine_and_ls_params() -> None:
@@ -135,14 +133,14 @@ async def test_harmful_prompt_gate_events_in_astream_events(firing: ChatNGSD) ->
     for chunk in chunks[1:]:
         full = full + chunk
     assert isinstance(full, AIMessageChunk)
-    assert full.response_metadata["ngsd_gate_events"] == [event["data"] for event in custom]
+    assert full.additional_kwargs["ngsd_gate_events"] == [event["data"] for event in custom]
     events = [GateEvent.model_validate(event["data"]) for event in custom]
     assert all(event.spiked for event in events)
     assert [e.step for e in events] == sorted(e.step for e in events)
     summary = final.response_metadata["ngsd_summary"]
     assert summary["spikes"] == len(custom)
     assert summary["intervened"] == sum(event.intervened for event in events)
-    assert final.response_metadata["ngsd_gate_events"] == [event["data"] for event in custom]
+    assert final.additional_kwargs["ngsd_gate_events"] == [event["data"] for event in custom]
 
 
 def test_gate_event_handler_gets_typed_events_of_the_model_run(firing: ChatNGSD) -> None:
@@ -168,7 +166,7 @@ def test_gate_event_handler_gets_typed_events_of_the_model_run(firing: ChatNGSD)
     message = llm.invoke(HARMFUL, config={"callbacks": [handler]})
     assert handler.events and all(isinstance(e, GateEvent) for e in handler.events)
     assert set(handler.event_runs) == set(handler.model_runs)
-    dumped = message.response_metadata["ngsd_gate_events"]
+    dumped = message.additional_kwargs["ngsd_gate_events"]
     assert [e.model_dump() for e in handler.events] == dumped
     assert [e.model_dump() for e in local.events] == dumped
     assert seen == [e.step for e in local.events]

@@ -39,6 +39,16 @@ def test_construction_does_not_load_a_model():
     assert llm._guarded is None
 
 
+async def test_metadata_does_not_load_the_model_even_in_async_code():
+    # agents read `llm.metadata` inside their async steps: it comes from the config file
+    llm = NGSD(max_new_tokens=8)
+    metadata = llm.metadata
+    assert llm._guarded is None
+    assert metadata.context_window == 8192 and metadata.num_output == 8
+    assert metadata.model_name == "SmolLM2-135M-Instruct"
+    assert metadata.is_chat_model and metadata.is_function_calling_model
+
+
 def test_fields_are_validated():
     with pytest.raises(ValueError, match="max_new_tokens"):
         NGSD(max_new_tokens=0)

@@ -12,6 +12,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
@@ -35,7 +36,8 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
 
 from ngsd_guard import GateEvent, Generation, GuardConfig, GuardedLM, StepRecord
-from ngsd_guard.tools import ToolCall, ToolCallConstraint, ToolCallStreamParser
+from ngsd_guard.loading import DEFAULT_MODEL_NAME, default_model_dir, read_context_window, resolve
+from ngsd_guard.tools import ToolCall, ToolCallStreamParser, ToolPlan, plan_tools, tool_format
 
 from .events import NGSDGateEvent
 from .messages import to_chat_messages, tool_call_block, tool_schema
@@ -87,7 +89,7 @@ class _Request:
     prompt: str | list[dict[str, Any]]
     options: dict[str, Any]
     span_id: str | None
-    tool_names: list[str] | None = None  # parse the output for calls to these tools
+    plan: ToolPlan | None = None  # tools offered: how to parse the output for calls
 
 
 @dataclass
@@ -106,7 +108,9 @@ class NGSD(FunctionCallingLLM):
     over their divergence decides when the expert is mixed into the next token. Every
     trigger is sent as a `NGSDGateEvent` through LlamaIndex instrumentation; each streamed
     response carries its gate records in ``raw`` and ``additional_kwargs``, and the last one
-    the generation's summary.
+    the generation's summary and the guard's decision: ``additional_kwargs["ngsd_guarded"]``
+    (the expert changed at least one token) and ``["ngsd_refused"]`` (it turned the answer
+    into a refusal, by the engine's keyword judge).
 
     ``NGSD()`` loads the embedded default model (SmolLM2-135M-Instruct) on first use;
     ``NGSD(guarded=GuardedLM.from_pretrained(...))`` uses a model you loaded. Fields left at
@@ -191,13 +195,24 @@ class NGSD(FunctionCallingLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        guarded = self.guarded
+        """The loaded engine's, or before the first call the model's config file's: reading
+        metadata never loads the model (LlamaIndex reads it in async code too)."""
+        guarded = self._guarded
+        if guarded is not None:
+            context_window: int | None = guarded.context_window
+            config, model_name = guarded.config, guarded.model_name
+        elif self.model == "default":
+            context_window = read_context_window(default_model_dir())
+            config, model_name = self.config or GuardConfig(), DEFAULT_MODEL_NAME
+        else:
+            context_window = read_context_window(resolve(self.model))
+            config, model_name = self.config or GuardConfig(), Path(self.model).name
         return LLMMetadata(
-            context_window=guarded.context_window,
-            num_output=self.max_new_tokens or guarded.config.decoding.max_new_tokens,
+            context_window=context_window or LLMMetadata.model_fields["context_window"].default,
+            num_output=self.max_new_tokens or config.decoding.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
-            model_name=guarded.model_name,
+            model_name=model_name,
         )
 
     def to_payload(self) -> dict[str, Any]:
@@ -209,15 +224,16 @@ class NGSD(FunctionCallingLLM):
     # -- prompts -------------------------------------------------------------------------
 
     def _to_chat(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-        # Templates that ignore `tool_calls` (ChatML) get the calls written into the text.
-        template = self.guarded.tokenizer.chat_template or ""
-        return to_chat_messages(messages, inline_tool_calls="tool_calls" not in template)
+        # Templates that do not render `tool_calls` (ChatML) get the calls written into the
+        # text, in the model's own call format.
+        call_format = tool_format(self.guarded.tokenizer)
+        return to_chat_messages(
+            messages, inline_tool_calls=not call_format.template_calls, call_format=call_format
+        )
 
     def _chat_request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Request:
         tools = kwargs.pop("tools", None) or None
         tool_choice = kwargs.pop("tool_choice", None)
-        if tool_choice == "none":  # the model may not call tools: do not show them
-            tools = None
         options = engine_options(self._defaults(), kwargs)
         if not isinstance(self.messages_to_prompt, ChatTemplate):
             if tools:
@@ -226,20 +242,18 @@ class NGSD(FunctionCallingLLM):
                     "cannot call tools"
                 )
             prompt: str | list[dict[str, Any]] = self.messages_to_prompt(messages)
-            options["raw"] = True
-        else:
-            prompt = self._to_chat(messages)
-        if tools:
-            options["tools"] = tools
-            constraint = self._tool_constraint(tools, tool_choice)
-            if constraint is not None:
-                options["constraint"] = constraint
-                # A forced call cut short is no call at all: it ends when it is complete,
-                # within at least the engine's budget.
-                floor = self.guarded.config.decoding.max_new_tokens
-                options["max_new_tokens"] = max(options.get("max_new_tokens", 0), floor)
-        names = [tool["function"]["name"] for tool in tools] if tools else None
-        return _Request(prompt, options, active_span_id.get(), tool_names=names)
+            return _Request(prompt, options | {"raw": True}, active_span_id.get())
+        if not tools:
+            return _Request(self._to_chat(messages), options, active_span_id.get())
+        # the engine's one set of rules for tools, `tool_choice` and the token budget
+        plan = plan_tools(
+            self.guarded,
+            tools=tools,
+            tool_choice=tool_choice,
+            max_tokens=options.get("max_new_tokens"),
+        )
+        options.update(plan.options())
+        return _Request(plan.messages(self._to_chat(messages)), options, active_span_id.get(), plan)
 
     def _completion_request(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> _Request:
         if formatted or self.completion_to_prompt is not default_completion_to_prompt:
@@ -281,20 +295,6 @@ class NGSD(FunctionCallingLLM):
             "tool_choice": tool_choice,
             **kwargs,
         }
-
-    def _tool_constraint(self, tools: list[dict[str, Any]], tool_choice: Any) -> Any:
-        """None for a free choice; else a constraint that forces a (named) call."""
-        if tool_choice in (None, "auto"):
-            return None
-        if tool_choice in ("required", "any"):
-            name = None
-        elif isinstance(tool_choice, str):
-            name = tool_choice
-        elif isinstance(tool_choice, Mapping):
-            name = tool_choice.get("function", tool_choice).get("name")
-        else:
-            raise TypeError(f"`tool_choice` (={tool_choice!r}) must be a str or a dict")
-        return ToolCallConstraint(self.guarded.tokenizer, tools, name=name)
 
     def _validate_chat_with_tools_response(
         self,
@@ -466,8 +466,9 @@ class _Reporter:
         self.request = request
         self.text = ""
         self.tool_calls: list[ToolCallBlock] = []
-        names = request.tool_names
-        self.parser = ToolCallStreamParser(names) if names is not None else None
+        self.parser: ToolCallStreamParser | None = (
+            request.plan.parser() if request.plan is not None else None
+        )
 
     def step(self, record: StepRecord) -> _Chunk:
         gate_events = [GateEvent.from_record(record)] if record.spiked else []
@@ -511,6 +512,8 @@ class _Reporter:
             additional_kwargs={
                 "ngsd_summary": summary,
                 "ngsd_gate_events": gate_events,
+                "ngsd_guarded": generation.guard_intervened,
+                "ngsd_refused": generation.guard_refused,
                 "finish_reason": generation.finish_reason,
                 **usage,
             },

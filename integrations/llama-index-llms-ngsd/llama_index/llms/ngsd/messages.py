@@ -20,7 +20,7 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 
-from ngsd_guard.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
+from ngsd_guard.tools import HERMES, ToolCall, ToolFormat
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -40,13 +40,21 @@ ROLES: dict[MessageRole, str] = {
 
 
 def to_chat_messages(
-    messages: Sequence[ChatMessage], *, inline_tool_calls: bool = False
+    messages: Sequence[ChatMessage],
+    *,
+    inline_tool_calls: bool = False,
+    call_format: ToolFormat = HERMES,
 ) -> list[dict[str, Any]]:
     """LlamaIndex messages as Hugging Face chat messages, in order."""
-    return [to_chat_message(m, inline_tool_calls=inline_tool_calls) for m in messages]
+    return [
+        to_chat_message(m, inline_tool_calls=inline_tool_calls, call_format=call_format)
+        for m in messages
+    ]
 
 
-def to_chat_message(message: ChatMessage, *, inline_tool_calls: bool = False) -> dict[str, Any]:
+def to_chat_message(
+    message: ChatMessage, *, inline_tool_calls: bool = False, call_format: ToolFormat = HERMES
+) -> dict[str, Any]:
     """One `ChatMessage` as ``{"role", "content", "tool_calls"?, "tool_call_id"?}``.
 
     Text blocks are joined with newlines (as `ChatMessage.content` does); `ToolCallBlock`s
@@ -55,9 +63,10 @@ def to_chat_message(message: ChatMessage, *, inline_tool_calls: bool = False) ->
     the model reads text only.
 
     ``inline_tool_calls=True`` is for chat templates that ignore ``tool_calls`` (SmolLM2's
-    ChatML): the calls are written into the content in the form the model is prompted to
-    emit, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, so the model sees
-    the calls it made.
+    ChatML): the calls are written into the content in the model's own call format
+    (``call_format``; by default the Hermes form the model is prompted to emit,
+    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``), so the model sees the calls
+    it made.
     """
     role = ROLES.get(message.role)
     if role is None:
@@ -81,7 +90,10 @@ def to_chat_message(message: ChatMessage, *, inline_tool_calls: bool = False) ->
         function = call.get("function", call)
         tool_calls.append(_tool_call(call.get("id"), function["name"], function["arguments"]))
     if inline_tool_calls:
-        texts.extend(tool_call_text(call["function"]) for call in tool_calls)
+        texts.extend(
+            call_format.call_text(call["function"]["name"], call["function"]["arguments"])
+            for call in tool_calls
+        )
         tool_calls = []
     chat_message: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
     if tool_calls:
@@ -98,12 +110,6 @@ def _tool_call(call_id: str | None, name: str, arguments: dict[str, Any] | str) 
     if call_id:
         call["id"] = call_id
     return call
-
-
-def tool_call_text(function: dict[str, Any]) -> str:
-    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``"""
-    payload = json.dumps({"name": function["name"], "arguments": function["arguments"]})
-    return f"{TOOL_CALL_OPEN}{payload}{TOOL_CALL_CLOSE}"
 
 
 def tool_schema(tool: BaseTool) -> dict[str, Any]:
