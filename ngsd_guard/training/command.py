@@ -34,8 +34,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", type=Path, default=Path("runs/expert"), help="output directory")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--benign-limit", type=int, default=300, help="AlpacaEval anchors (100+)")
+    parser.add_argument("--benign-limit", type=int, default=400, help="AlpacaEval anchors (100+)")
     parser.add_argument("--harmful-limit", type=int, default=None, help="cap harmful seeds")
+    parser.add_argument(
+        "--harmful-contexts", type=int, default=1, help="contexts drawn per harmful request"
+    )
+    parser.add_argument(
+        "--benign-contexts", type=int, default=2, help="contexts drawn per benign request"
+    )
+    parser.add_argument(
+        "--save-plan", type=Path, help="write the planned requests in their contexts (JSONL)"
+    )
+    parser.add_argument(
+        "--plan",
+        type=Path,
+        help="read planned requests from a --save-plan file instead of planning (a machine "
+        "without the framework packages can train from a plan made elsewhere)",
+    )
+    parser.add_argument(
+        "--plan-only", action="store_true", help="stop after --save-plan (no model is loaded)"
+    )
     parser.add_argument("--refusal-tries", type=int, default=4)
     parser.add_argument("--recovery-rate", type=float, default=0.5)
     parser.add_argument("--answer-tokens", type=int, default=64, help="length of base answers")
@@ -66,28 +84,44 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         resolve,
         resolve_device,
     )
-    from .data import BuildConfig
+    from .data import BuildConfig, load_plan, load_seeds, plan_requests, save_plan
     from .expert import train_expert
     from .trainer import LoraSettings
 
     data_dir = args.data_dir or default_data_dir()
-    if not (data_dir / "advbench_harmful_behaviors.json").is_file():
+    if args.plan is None and not (data_dir / "advbench_harmful_behaviors.json").is_file():
         raise ConfigError(
             f"`--data-dir` (={str(data_dir)!r}) has no advbench_harmful_behaviors.json; "
             "point it at shared/data"
         )
-    device = resolve_device(args.device)
-    path = resolve(args.model) if args.model else default_model_dir()
-    base_name = Path(str(args.model)).name if args.model else DEFAULT_MODEL_NAME
-    tokenizer = load_tokenizer(path, gguf_file=args.gguf_file)
-    model = load_model(path, device=device, dtype=torch.float32, gguf_file=args.gguf_file)
     build = BuildConfig(
         seed=args.seed,
         refusal_tries=args.refusal_tries,
         recovery_rate=args.recovery_rate,
         compliant_tokens=args.answer_tokens,
         benign_tokens=args.answer_tokens,
+        harmful_contexts=args.harmful_contexts,
+        benign_contexts=args.benign_contexts,
     )
+    if args.plan is not None:
+        plan = load_plan(args.plan)
+    else:
+        seeds = load_seeds(
+            data_dir, benign_limit=args.benign_limit, harmful_limit=args.harmful_limit
+        )
+        plan = plan_requests(seeds, build)
+    if args.save_plan is not None:
+        save_plan(plan, args.save_plan)
+        print(f"wrote {len(plan)} planned requests to {args.save_plan}")
+    if args.plan_only:
+        if args.save_plan is None:
+            raise ConfigError("`--plan-only` needs `--save-plan PATH`")
+        return 0
+    device = resolve_device(args.device)
+    path = resolve(args.model) if args.model else default_model_dir()
+    base_name = Path(str(args.model)).name if args.model else DEFAULT_MODEL_NAME
+    tokenizer = load_tokenizer(path, gguf_file=args.gguf_file)
+    model = load_model(path, device=device, dtype=torch.float32, gguf_file=args.gguf_file)
     lora = LoraSettings(
         r=args.r,
         lora_alpha=args.lora_alpha,
@@ -101,13 +135,11 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
     record = train_expert(
         model,
         tokenizer,
-        data_dir=data_dir,
+        plan=plan,
         out=args.out,
         base_name=base_name,
         build=build,
         lora=lora,
-        benign_limit=args.benign_limit,
-        harmful_limit=args.harmful_limit,
         probe=not args.no_probe,
         examples_path=args.save_examples,
         command="ngsd-guard " + shlex.join(sys.argv[1:]),

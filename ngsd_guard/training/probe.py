@@ -12,36 +12,41 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..reflection import ProbeReader
-from .data import render_ids
 
 
 @torch.no_grad()
 def prompt_hidden(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts_ids: Sequence[list[int]],
     *,
+    pad_id: int,
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """(N, H) fp32 last-layer hidden state at the last token of each chat-rendered prompt,
-    left-padded like the engine's prefill (``GuardedLM.prompt_hidden``)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """(N, H) fp32 last-layer hidden state at the last token of each prompt (token ids),
+    left-padded like the engine's prefill; batches are grouped by length."""
     device = next(model.parameters()).device
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [render_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(len(c) for c in chunk)
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
+    order = sorted(range(len(prompts_ids)), key=lambda i: len(prompts_ids[i]))
+    rows = torch.empty(len(prompts_ids), model.config.hidden_size)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts_ids[i]) for i in chunk)
+        ids = torch.tensor(
+            [[pad_id] * (width - len(prompts_ids[i])) + prompts_ids[i] for i in chunk]
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(prompts_ids[i])) + [1] * len(prompts_ids[i]) for i in chunk]
+        )
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            output_hidden_states=True,
         )
-        rows.append(out.hidden_states[-1][:, -1].float().cpu())
-    return torch.cat(rows)
+        rows[chunk] = out.hidden_states[-1][:, -1].float().cpu()
+    return rows
 
 
 def fit_probe(features: torch.Tensor, labels: torch.Tensor, *, l2: float = 1e-2) -> ProbeReader:
