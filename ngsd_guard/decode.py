@@ -23,10 +23,12 @@ import torch
 from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .alpha import escalated_alpha
 from .config import GuardConfig
 from .constraints import TokenConstraint
 from .divergence import DIVERGENCES, Divergence
 from .experts import Runner
+from .features import PromptFeatures
 from .gate import Gate, make_gate
 from .intervention import intervene
 from .judge import is_refusal
@@ -35,8 +37,20 @@ from .sampling import choose, is_greedy, uniforms
 
 _SENTENCE_ENDS = (".", "!", "?", "\n")
 
-Assess = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""(B, H) hidden state at the last prompt token -> ((B,) alpha, (B,) initial potential)."""
+
+@dataclass(frozen=True)
+class Readings:
+    """The alpha policy's reading of every row, each (B,): alpha, the neuron's initial
+    potential, and the escalation (spikes before alpha rises, ``inf`` for never; its level)."""
+
+    alpha: torch.Tensor
+    potential: torch.Tensor
+    escalate_after: torch.Tensor
+    escalated_alpha: torch.Tensor
+
+
+Assess = Callable[[torch.Tensor], Readings]
+"""(B, F) prompt features from the prefill (F = 0 when none were asked) -> :class:`Readings`."""
 
 
 @dataclass
@@ -55,9 +69,22 @@ class _Side:
     never needs a forward of its own for the prompt.
     """
 
-    def __init__(self, runner: Runner, prompts: Sequence[Sequence[int]], pad_id: int) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        prompts: Sequence[Sequence[int]],
+        pad_id: int,
+        spans: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
         self.runner = runner
         width = max(len(p) for p in prompts)
+        # each row's last user message, in padded positions
+        self.spans = torch.tensor(
+            [
+                (start + width - len(p), end + width - len(p))
+                for p, (start, end) in zip(prompts, spans or [(0, 0)] * len(prompts), strict=True)
+            ]
+        )
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):  # left padding
@@ -70,10 +97,10 @@ class _Side:
         self.prompt: tuple[torch.Tensor, torch.Tensor] | None = (ids, positions)
 
     def feed(
-        self, tokens: torch.Tensor, *, keep: int, hidden: bool = False
+        self, tokens: torch.Tensor, *, keep: int, features: PromptFeatures | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed (B, T) tokens (after the prompt, if it is still unfed); the logits of the last
-        ``keep`` positions (B, keep, V), and the last hidden state if asked."""
+        ``keep`` positions (B, keep, V), and the prompt's features if asked (first feed only)."""
         count = tokens.shape[1]
         positions = self.next_position.unsqueeze(-1) + torch.arange(count)
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], -1)
@@ -82,11 +109,11 @@ class _Side:
             self.prompt = None
             tokens = torch.cat([prompt_ids, tokens], -1)
             positions = torch.cat([prompt_positions, positions], -1)
-        logits, last_hidden = self.runner.forward(
-            tokens, self.mask, positions, self.cache, hidden=hidden, keep=keep
+        logits, pooled = self.runner.forward(
+            tokens, self.mask, positions, self.cache, features=features, spans=self.spans, keep=keep
         )
         self.next_position = self.next_position + count
-        return logits, last_hidden
+        return logits, pooled
 
     def drop_tail(self, row: int, count: int) -> None:
         """Hide the last ``count`` fed tokens of ``row`` from every later query."""
@@ -156,7 +183,8 @@ def decode(
     assess: Assess,
     constraints: Sequence[TokenConstraint | None],
     cancel: threading.Event,
-    want_hidden: bool,
+    features: PromptFeatures | None,
+    spans: Sequence[tuple[int, int]],
 ) -> Generator[StepRecord, None, list[RowResult]]:
     """Yield one StepRecord per generated token (per row, in order); return the rows."""
     decoding = config.decoding
@@ -165,12 +193,17 @@ def decode(
     pad_id = eos_ids[0]
     eos = torch.tensor(list(eos_ids), device=device)
 
-    base_side = _Side(base, base_prompts, pad_id)
+    base_side = _Side(base, base_prompts, pad_id, spans)
     empty = torch.zeros((rows, 0), dtype=torch.long)
-    first_logits, hidden = base_side.feed(empty, keep=1, hidden=want_hidden)
-    alpha, potential = assess(hidden if hidden is not None else torch.zeros(rows, 0))
-    alpha_values = alpha.tolist()
-    alpha = alpha.to(device, torch.float32)
+    first_logits, pooled = base_side.feed(empty, keep=1, features=features)
+    readings = assess(pooled if pooled is not None else torch.zeros(rows, 0))
+    alpha = readings.alpha.to(device, torch.float32)
+    escalation = (
+        readings.escalate_after.to(device, torch.float32),
+        readings.escalated_alpha.to(device, torch.float32),
+    )
+    spikes = torch.zeros(rows, dtype=torch.float32, device=device)
+    potential = readings.potential
     expert_side = _Side(expert, expert_prompts, pad_id) if expert is not None else None
     divergence_fn = DIVERGENCES[config.divergence]
     gate = make_gate(config.gate)
@@ -229,7 +262,7 @@ def decode(
 
         # 2. Verify: the expert scores the window in one forward of the same tokens.
         if expert_side is None:
-            table = _quiet_window(draft, state)
+            table = _quiet_window(draft, state, alpha)
         else:
             fed = (
                 draft[:, :-1]
@@ -244,20 +277,22 @@ def decode(
             # 3. Replay the gate over the window.
             p_base = torch.softmax(torch.stack(base_logits, 1), -1)  # (B, k, V)
             p_expert = torch.softmax(expert_logits, -1)
-            state, table = _replay(
+            state, spikes, table = _replay(
                 p_base,
                 p_expert,
                 draft,
                 done,
                 state,
+                spikes,
                 gate,
                 divergence_fn,
                 alpha,
+                escalation,
                 u.gather(1, (counts.unsqueeze(1) + torch.arange(k)).clamp_max(u.shape[1] - 1)),
                 config,
                 eos,
             )
-        acc_t, draft_t, chosen_t, div_t, spike_t, pot_t, d_t = table
+        acc_t, draft_t, chosen_t, div_t, spike_t, pot_t, d_t, alpha_t, expert_t = table
         last_kept = draft[:, -1].clone()
         replaced = False
         for row in range(rows):
@@ -303,9 +338,10 @@ def decode(
                     divergence=d_t[row][i],
                     potential=pot_t[row][i],
                     spiked=spike_t[row][i],
-                    alpha=alpha_values[row],
+                    alpha=alpha_t[row][i],
                     base_token_id=draft_t[row][i],
                     chosen_token_id=token,
+                    expert_token_id=expert_t[row][i],
                     intervened=bool(div_t[row][i]),
                     finish_reason=reason,
                 )
@@ -320,7 +356,9 @@ def decode(
     return results
 
 
-def _quiet_window(draft: torch.Tensor, state: dict[str, torch.Tensor]) -> list[list]:
+def _quiet_window(
+    draft: torch.Tensor, state: dict[str, torch.Tensor], alpha: torch.Tensor
+) -> list[list]:
     """The table of a window decoded by the base alone: every draft token kept."""
     zeros = torch.zeros(draft.shape, dtype=torch.float32).tolist()
     flags = torch.zeros(draft.shape, dtype=torch.bool)
@@ -333,6 +371,8 @@ def _quiet_window(draft: torch.Tensor, state: dict[str, torch.Tensor]) -> list[l
         flags.tolist(),
         potential,
         zeros,
+        alpha.float().cpu().unsqueeze(1).expand(draft.shape).tolist(),
+        torch.full(draft.shape, -1).tolist(),
     ]
 
 
@@ -342,38 +382,51 @@ def _replay(
     draft: torch.Tensor,
     done: torch.Tensor,
     state: dict[str, torch.Tensor],
+    spikes: torch.Tensor,
     gate: Gate,
     divergence_fn: Divergence,
     alpha: torch.Tensor,
+    escalation: tuple[torch.Tensor, torch.Tensor],
     window_u: torch.Tensor,
     config: GuardConfig,
     eos: torch.Tensor,
-) -> tuple[dict[str, torch.Tensor], list[list]]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[list]]:
     """Run the gate over a verified window and decide which draft tokens survive.
 
     All positions are scored at once; the intervention runs only where the neuron spiked.
     A row keeps its draft up to its first spike whose choice differs (that token replaced),
     or up to EOS; its gate state is the one after the last kept token.
 
-    Returns the new gate state and a table of Python lists, each (B, k): accepted, draft,
-    chosen, intervened, spiked, potential, divergence.
+    Alpha escalates per position (:func:`~ngsd_guard.alpha.escalated_alpha`) with the row's
+    count of dissents (spikes where the expert's most likely token is not the draft's), which
+    carries over between windows like the gate state.
+
+    Returns the new gate state, the new dissent counts and a table of Python lists, each
+    (B, k): accepted, draft, chosen, intervened, spiked, potential, divergence, alpha, expert's
+    most likely token.
     """
     rows, k, vocab = p_base.shape
     divergence = divergence_fn(p_base.reshape(-1, vocab), p_expert.reshape(-1, vocab))
     divergence = divergence.view(rows, k)
-    states, potentials, spikes = [], [], []
-    current = state
+    expert_top = p_expert.argmax(-1)  # (B, k)
+    dissents = expert_top != draft
+    states, potentials, spiked_at, counts, alphas = [], [], [], [], []
+    current, count = state, spikes
     for i in range(k):
         current, potential, spiked = gate.step(current, divergence[:, i])
+        count = count + (spiked & dissents[:, i]).float()
         states.append(current)
         potentials.append(potential)
-        spikes.append(spiked)
-    spiked = torch.stack(spikes, 1) & ~done.unsqueeze(1)  # (B, k)
+        spiked_at.append(spiked)
+        counts.append(count)
+        alphas.append(escalated_alpha(alpha, count, *escalation))
+    spiked = torch.stack(spiked_at, 1) & ~done.unsqueeze(1)  # (B, k)
+    alpha_at = torch.stack(alphas, 1)  # (B, k)
     chosen = draft.clone()
     if bool(spiked.any()):
         where = spiked.nonzero(as_tuple=True)
         mixed = intervene(
-            p_base[where], p_expert[where], alpha[where[0]], config.intervention.top_k
+            p_base[where], p_expert[where], alpha_at[where], config.intervention.top_k
         )
         chosen[where] = choose(mixed, window_u.to(draft.device)[where], config.decoding)
     intervened = spiked & (chosen != draft)
@@ -387,6 +440,8 @@ def _replay(
         key: torch.where(done, state[key], value.gather(1, last.unsqueeze(1)).squeeze(1))
         for key, value in stacked.items()
     }
+    kept_count = torch.stack(counts, 1).gather(1, last.unsqueeze(1)).squeeze(1)
+    new_spikes = torch.where(done, spikes, kept_count)
     table = [
         t.tolist()
         for t in (
@@ -397,9 +452,11 @@ def _replay(
             spiked & accepted,
             torch.stack(potentials, 1).float(),
             divergence.float(),
+            alpha_at.float(),
+            expert_top,
         )
     ]
-    return new_state, table
+    return new_state, new_spikes, table
 
 
 def _at(u: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from .alpha import AlphaPolicy, FixedAlpha
 from .config import DecodingConfig, GuardConfig
 from .constraints import TokenConstraint
-from .decode import RowResult, _Side, decode
+from .decode import Readings, RowResult, _Side, decode
 from .errors import ConfigError, ContextTooLongError, ModelNotFoundError, PromptError
 from .experts import (
     SAFETY_PROMPT,
@@ -30,6 +30,7 @@ from .experts import (
     shared_vocab_size,
     without_adapters,
 )
+from .features import PromptFeatures
 from .loading import (
     DEFAULT_MODEL_NAME,
     default_model_dir,
@@ -335,21 +336,55 @@ class GuardedLM:
     @torch.no_grad()
     def next_token_logprobs(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, V) fp32 log-probabilities of the base's next token after each raw text."""
-        logits, _ = self._prefill(texts, hidden=False)
+        side = _Side(self._base, [self._checked_ids(t) for t in texts], self._eos_ids[0])
+        logits, _ = side.feed(torch.zeros((len(texts), 0), dtype=torch.long), keep=1)
         return torch.log_softmax(logits[:, -1], dim=-1)
 
     @torch.no_grad()
-    def prompt_hidden(self, texts: Sequence[str]) -> torch.Tensor:
-        """(B, H) fp32 last-layer hidden state of the base at each raw text's last token."""
-        _, hidden = self._prefill(texts, hidden=True)
-        assert hidden is not None
-        return hidden
+    def read_features(
+        self,
+        prompts: Sequence[Prompt],
+        features: PromptFeatures,
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        raw: bool = False,
+    ) -> torch.Tensor:
+        """(B, F) fp32 prompt features of the base's prefill (:mod:`ngsd_guard.features`), for
+        prompts rendered as generation renders them: what a risk probe reads."""
+        ids, spans = [], []
+        for prompt in prompts:
+            text, messages = self._prompt_text(prompt, tools, raw)
+            ids.append(self._checked_ids(text))
+            spans.append(self._span(text, _last_user(messages)))
+        side = _Side(self._base, ids, self._eos_ids[0], spans)
+        empty = torch.zeros((len(ids), 0), dtype=torch.long)
+        _, pooled = side.feed(empty, keep=1, features=features)
+        assert pooled is not None
+        return pooled
 
-    def _prefill(
-        self, texts: Sequence[str], *, hidden: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        side = _Side(self._base, [self._checked_ids(t) for t in texts], self._eos_ids[0])
-        return side.feed(torch.zeros((len(texts), 0), dtype=torch.long), keep=1, hidden=hidden)
+    def _prompt_text(
+        self, prompt: Prompt, tools: Sequence[dict[str, Any]] | None, raw: bool
+    ) -> tuple[str, list[Message]]:
+        """The text the base sees and the conversation behind it."""
+        if raw:
+            if not isinstance(prompt, str):
+                raise PromptError("`raw=True` needs a string prompt")
+            return prompt, [{"role": "user", "content": prompt}]
+        messages = _messages(prompt)
+        return self._render(messages, tools), messages
+
+    def _span(self, text: str, request: str) -> tuple[int, int]:
+        """[start, end) token positions of ``request`` (the last user message) in ``text``;
+        the whole text when it is not found verbatim."""
+        start = text.rfind(request) if request else -1
+        if start < 0:
+            return 0, len(self._encode(text))
+        end = start + len(request)
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
+        inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+        return (inside[0], inside[-1] + 1) if inside else (0, len(offsets))
 
     def _checked_ids(self, text: str) -> list[int]:
         if not isinstance(text, str) or not text.strip():
@@ -382,18 +417,16 @@ class GuardedLM:
     ) -> _Run:
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"`alpha` (={alpha}) must be in [0, 1]")
-        base_ids, expert_ids, requests = [], [], []
+        policy = FixedAlpha(alpha) if alpha is not None else self.alpha_policy
+        policy = policy or FixedAlpha(self.config.intervention.alpha)
+        features = getattr(policy, "features", None)
+        base_ids, expert_ids, requests, spans = [], [], [], []
         for prompt in prompts:
-            if raw:
-                if not isinstance(prompt, str):
-                    raise PromptError("`raw=True` needs a string prompt")
-                text, messages = prompt, [{"role": "user", "content": prompt}]
-            else:
-                messages = _messages(prompt)
-                text = self._render(messages, tools)
+            text, messages = self._prompt_text(prompt, tools, raw)
             ids = self._checked_ids(text)
             base_ids.append(ids)
             requests.append(_last_user(messages))
+            spans.append(self._span(text, requests[-1]) if features is not None else (0, 0))
             if self._expert is not None and self._expert.safety_prompt is not None:
                 expert_text = (
                     self.tokenizer.apply_chat_template(self._expert.messages([]), tokenize=False)
@@ -420,8 +453,6 @@ class GuardedLM:
         decoding_fields["max_new_tokens"] = min(decoding_fields["max_new_tokens"], room)
         decoding = DecodingConfig(**decoding_fields)
         config = self.config.model_copy(update={"decoding": decoding})
-        policy = FixedAlpha(alpha) if alpha is not None else self.alpha_policy
-        policy = policy or FixedAlpha(self.config.intervention.alpha)
         return _Run(
             self,
             base_ids,
@@ -432,6 +463,7 @@ class GuardedLM:
             guard and self._expert is not None,
             [constraint] * len(prompts),
             list(listeners),
+            spans,
         )
 
 
@@ -449,14 +481,17 @@ class _Run:
         guard: bool,
         constraints: list[TokenConstraint | None],
         listeners: list[GateListener],
+        spans: list[tuple[int, int]],
     ) -> None:
         self.lm, self.config, self.policy = lm, config, policy
         self.base_ids, self.expert_ids, self.requests = base_ids, expert_ids, requests
         self.guard, self.constraints, self.listeners = guard, constraints, listeners
+        self.spans = spans
         self.cancel = threading.Event()
         self.records: list[list[StepRecord]] = [[] for _ in base_ids]
         self.generations: list[Generation] = []
         self.risks: list[float | None] = [None] * len(base_ids)
+        self.alphas: list[float] = [config.intervention.alpha] * len(base_ids)
         self._iterator = self._records()
 
     def __iter__(self) -> Iterator[StepRecord]:
@@ -466,12 +501,18 @@ class _Run:
         self.cancel.set()
         self._iterator.close()
 
-    def _assess(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assessments = self.policy.assess(self.lm, self.requests, hidden)
+    def _assess(self, features: torch.Tensor) -> Readings:
+        assessments = self.policy.assess(self.lm, self.requests, features)
         self.risks = [a.risk for a in assessments]
-        alpha = torch.tensor([a.alpha for a in assessments], dtype=torch.float64)
-        potential = torch.tensor([a.potential for a in assessments], dtype=torch.float32)
-        return alpha, potential
+        self.alphas = [a.alpha for a in assessments]
+        return Readings(
+            alpha=torch.tensor(self.alphas, dtype=torch.float64),
+            potential=torch.tensor([a.potential for a in assessments], dtype=torch.float32),
+            escalate_after=torch.tensor(
+                [a.escalate_after or float("inf") for a in assessments], dtype=torch.float32
+            ),
+            escalated_alpha=torch.tensor([a.escalated_alpha for a in assessments]),
+        )
 
     def _records(self) -> Generator[StepRecord, None, None]:
         started = time.perf_counter()
@@ -487,8 +528,9 @@ class _Run:
                 spikes=len(spikes),
                 intervened=sum(r.intervened for r in spikes),
                 mean_divergence=sum(r.divergence for r in records) / max(1, len(records)),
-                alpha=records[0].alpha if records else self.config.intervention.alpha,
+                alpha=self.alphas[row],
                 risk=self.risks[row],
+                escalated=any(r.alpha > self.alphas[row] for r in records),
                 seconds=seconds,
             )
             self.generations.append(
@@ -516,7 +558,8 @@ class _Run:
             assess=self._assess,
             constraints=self.constraints,
             cancel=self.cancel,
-            want_hidden=getattr(self.policy, "needs_hidden", True),
+            features=getattr(self.policy, "features", None),
+            spans=self.spans,
         )
         try:
             while True:

@@ -5,17 +5,17 @@ boundaries; ``tests/test_splits.py`` checks that they are disjoint, for requests
 context families (RAG templates, conversations, agents, jailbreak families) held out for
 evaluation.
 
-| source | trains | evaluates |
-| --- | --- | --- |
-| ``seed_reject.json`` | all 36 | — |
-| AdvBench | ids 0-259 | ids 260-519 (``advbench-test``) |
-| Do-Not-Answer, harm categories | index ``i % 5 != 4`` per file | ``i % 5 == 4`` (``donotanswer-test``) |
-| AlpacaEval | items 100-804 | items 0-99 (``alpaca``) |
-| XSTest | — | all (``xstest-safe``, ``xstest-unsafe``) |
-| project requests (``data/training``) | index ``i % 4 != 3`` | ``i % 4 == 3`` (``project-harmful``, ``project-benign``) |
-| conversations, agents (``data/contexts``) | index ``i % 4 != 3`` | ``i % 4 == 3`` |
-| jailbreak templates of the training families | index ``i % 4 != 3`` | ``i % 4 == 3`` |
-| RAG templates | the frameworks' defaults, the project's custom ones | the frameworks' defaults, unseen ones |
+* ``seed_reject.json``: trains (all 36);
+* AdvBench: ids 0-259 train, ids 260-519 evaluate (``advbench-test``);
+* Do-Not-Answer, harm categories: index ``i % 5 == 4`` of each file evaluates
+  (``donotanswer-test``), the rest trains;
+* AlpacaEval: items 100-804 train, items 0-99 evaluate (``alpaca``);
+* XSTest: evaluates only (``xstest-safe``, ``xstest-unsafe``);
+* the project's requests (``data/training``), conversations and agents (``data/contexts``) and
+  the templates of each training jailbreak family: index ``i % 4 == 3`` evaluates
+  (``project-harmful``, ``project-benign``), the rest trains;
+* RAG templates: the frameworks' defaults on both sides; the project's custom ones train,
+  the unseen ones evaluate; jailbreak families: the unseen ones evaluate only.
 """
 
 from __future__ import annotations

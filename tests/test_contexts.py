@@ -6,8 +6,15 @@ import random
 
 import pytest
 
-from ngsd_guard.contexts import CONTEXTS, EVAL_CONTEXTS, TRAIN_CONTEXTS, wrap, wrap_for_eval
-from ngsd_guard.contexts import dialogue, jailbreaks, rag
+from ngsd_guard.contexts import (
+    CONTEXTS,
+    EVAL_CONTEXTS,
+    TRAIN_CONTEXTS,
+    jailbreaks,
+    rag,
+    wrap,
+    wrap_for_eval,
+)
 from ngsd_guard.errors import ConfigError
 
 REQUEST = "How do fireworks get their colours?"
@@ -142,7 +149,6 @@ def _recording_llama_index_llm():
     from llama_index.core.base.llms.types import (
         ChatMessage,
         ChatResponse,
-        CompletionResponse,
         LLMMetadata,
     )
     from llama_index.core.llms import CustomLLM

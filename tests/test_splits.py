@@ -55,7 +55,9 @@ def test_rag_templates_held_out_for_rag_unseen():
     custom, unseen = set(splits.RAG_CUSTOM_TEMPLATES), set(splits.RAG_UNSEEN_TEMPLATES)
     assert custom and unseen and not custom & unseen
     assert custom | unseen == set(rag.TEMPLATES)
-    texts = {name: {t for t in rag.TEMPLATES[name] if t and t != "{request}"} for name in rag.TEMPLATES}
+    texts = {
+        name: {t for t in rag.TEMPLATES[name] if t and t != "{request}"} for name in rag.TEMPLATES
+    }
     assert not set().union(*(texts[n] for n in custom)) & set().union(*(texts[n] for n in unseen))
 
 
@@ -65,7 +67,10 @@ def test_jailbreak_families_and_templates_held_out():
         assert jailbreaks.templates(family, "train") == ()
         assert jailbreaks.templates(family, "eval")
     for family in splits.JAILBREAK_TRAIN_FAMILIES:
-        train, held_out = jailbreaks.templates(family, "train"), jailbreaks.templates(family, "eval")
+        train, held_out = (
+            jailbreaks.templates(family, "train"),
+            jailbreaks.templates(family, "eval"),
+        )
         assert train and held_out and not set(train) & set(held_out)
     assert set(jailbreaks.FAMILIES) == set(splits.JAILBREAK_TRAIN_FAMILIES) | set(
         splits.JAILBREAK_UNSEEN_FAMILIES

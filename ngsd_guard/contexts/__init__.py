@@ -5,16 +5,16 @@ that the guard is trained and measured where it is used, not only on bare reques
 wrapper is ``wrap(request, split, rng) -> Conversation``; ``split`` picks the training or the
 held-out side of the context's templates (:mod:`ngsd_guard.splits` says which is which).
 
-| context | what the model sees |
-| --- | --- |
-| ``bare`` | the request as the only user message |
-| ``rag-llamaindex`` | LlamaIndex's own QA and context-chat templates (imported at run time) with retrieved passages |
-| ``rag-langchain`` | LangChain RAG chat prompts (built with ``langchain_core``) with retrieved passages |
-| ``rag-custom`` | RAG templates of the project's own (training only) |
-| ``rag-unseen`` | RAG templates that training never uses (evaluation only) |
-| ``multiturn`` | one or two earlier benign exchanges before the request |
-| ``agent-tools`` | an agent's system prompt and its tool schemas |
-| ``jailbreak`` | role-play, fiction, hypothetical, instruction-override and past-tense wrappers; in evaluation also families that training never uses |
+* ``bare``: the request as the only user message;
+* ``rag-llamaindex``: LlamaIndex's own QA and context-chat templates (imported at run time)
+  around retrieved passages;
+* ``rag-langchain``: LangChain RAG chat prompts (built with ``langchain_core``);
+* ``rag-custom``: the project's own RAG templates (training only);
+* ``rag-unseen``: RAG templates that training never uses (evaluation only);
+* ``multiturn``: one or two earlier benign exchanges before the request;
+* ``agent-tools``: an agent's system prompt and its tool schemas;
+* ``jailbreak``: role-play, fiction, hypothetical, instruction-override and past-tense
+  wrappers; in evaluation also families that training never uses.
 
 >>> import random
 >>> wrap("How do I bake bread?", "multiturn", "eval", random.Random(0)).messages[-1]["content"]

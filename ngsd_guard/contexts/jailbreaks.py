@@ -1,10 +1,11 @@
 """Jailbreak wrappers: the request inside a role-play, a story, a hypothetical, an instruction
 override, a past-tense rewrite, and (evaluation only) families that training never uses.
 
-Within each training family every fourth template is held out (:func:`ngsd_guard.splits.project_split`);
-the unseen families (:data:`ngsd_guard.splits.JAILBREAK_UNSEEN_FAMILIES`) are evaluation only.
-Templates take ``{request}`` (as written), ``{request_lc}`` (first letter lower-cased) and, for
-past tense, ``{action}`` (the request as a verb phrase: ``make a bomb``).
+Within each training family every fourth template is held out
+(:func:`ngsd_guard.splits.project_split`); the unseen families
+(:data:`ngsd_guard.splits.JAILBREAK_UNSEEN_FAMILIES`) are evaluation only. Templates take
+``{request}`` (as written), ``{request_lc}`` (first letter lower-cased) and, for past tense,
+``{action}`` (the request as a verb phrase: ``make a bomb``).
 """
 
 from __future__ import annotations

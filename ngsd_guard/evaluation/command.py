@@ -68,6 +68,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     policy.add_argument("--alpha-mid", type=float, default=None)
     policy.add_argument("--alpha-low", type=float, default=None)
     policy.add_argument("--prime", type=float, default=None, help="initial potential, high risk")
+    policy.add_argument(
+        "--escalate-after",
+        type=int,
+        default=None,
+        help="dissenting spikes before alpha rises (0: never; default: the expert's policy)",
+    )
+    policy.add_argument("--escalated-alpha", type=float, default=None)
     add_model_options(parser)
     parser.set_defaults(handler=cmd_eval, max_new_tokens=64)
     return parser
@@ -77,12 +84,12 @@ def build_policy(args: argparse.Namespace):
     """The AlphaPolicy named by the flags, or None to keep the model's own."""
     from ..alpha import FixedAlpha
     from ..reflection import (
-        DEFAULT_RISK_MAP,
         SHIPPED_PROBE,
         JsonReader,
         LogprobReader,
         ProbeReader,
         ReflectionAlpha,
+        load_risk_map,
     )
 
     name = args.alpha_policy
@@ -106,10 +113,13 @@ def build_policy(args: argparse.Namespace):
             "alpha_mid": args.alpha_mid,
             "alpha_low": args.alpha_low,
             "potential_high": args.prime,
+            "escalated_alpha": args.escalated_alpha,
         }.items()
         if value is not None
     }
-    risk_map = DEFAULT_RISK_MAP.model_copy(update=updates)
+    if args.escalate_after is not None:
+        updates["escalate_after"] = args.escalate_after or None
+    risk_map = load_risk_map(probe.parent).model_copy(update=updates)
     risk_map = type(risk_map)(**risk_map.model_dump())  # re-validate
     reader = {
         "probe": lambda: ProbeReader.load(probe),

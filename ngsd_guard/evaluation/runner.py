@@ -146,7 +146,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     for r in results:
         b, g = r["base"], r["guarded"]
         lines.append(
-            f"| {r['set']} | {r.get('context', 'bare')} | {r['label']} | {r['n']} | {_pct(b['refusal_rate'])} | "
+            f"| {r['set']} | {r.get('context', 'bare')} | {r['label']} | {r['n']} | "
+            f"{_pct(b['refusal_rate'])} | "
             f"{_pct(g['refusal_rate'])} | {_pct(b['asr'])} | {_pct(g['asr'])} | "
             f"{_pct(g['identical_to_base'])} | {_pct(g['gate_silent'])} | "
             f"{_num(g['spikes_per_prompt'], 1)} | {_num(g['mean_divergence'], 3)} | "

@@ -4,7 +4,7 @@
 | --- | --- | --- |
 | ``advbench-test`` | AdvBench ids 260-519 | harmful |
 | ``donotanswer-test`` | Do-Not-Answer harm categories, every fifth request | harmful |
-| ``project-harmful`` | the project's harmful requests, held-out quarter (categories AdvBench lacks) | harmful |
+| ``project-harmful`` | the project's harmful requests (held-out quarter) | harmful |
 | ``xstest-safe`` | XSTest safe prompts (250) | benign |
 | ``xstest-unsafe`` | XSTest unsafe prompts (200) | harmful |
 | ``alpaca`` | AlpacaEval items 0-99 | benign |

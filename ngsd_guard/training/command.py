@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--benign-limit", type=int, default=400, help="AlpacaEval anchors (100+)")
     parser.add_argument("--harmful-limit", type=int, default=None, help="cap harmful seeds")
     parser.add_argument(
-        "--harmful-contexts", type=int, default=1, help="contexts drawn per harmful request"
+        "--harmful-contexts", type=int, default=2, help="contexts drawn per harmful request"
     )
     parser.add_argument(
         "--benign-contexts", type=int, default=2, help="contexts drawn per benign request"
@@ -64,9 +64,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="LoRA training batch")
+    parser.add_argument(
+        "--generate-batch-size", type=int, default=32, help="batch of the base's own answers"
+    )
     parser.add_argument("--distill-weight", type=float, default=1.0)
-    parser.add_argument("--no-probe", action="store_true", help="skip the hidden-state probe")
+    parser.add_argument("--no-probe", action="store_true", help="skip the risk probe")
+    parser.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="skip choosing the alpha escalation on held-out training requests",
+    )
+    parser.add_argument(
+        "--probe-features",
+        default="last@30+mean@18",
+        help="what the probe reads from the prefill: POOL@LAYER terms joined by + (last: the "
+        "last prompt token; mean: the last user message), layers counted from 1 (the default "
+        "suits SmolLM2-135M's 30 layers)",
+    )
     parser.add_argument("--save-examples", type=Path, help="write the examples as JSONL here")
     parser.add_argument("--json", action="store_true", help="print training.json")
     parser.set_defaults(handler=cmd_train_expert)
@@ -76,6 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def cmd_train_expert(args: argparse.Namespace) -> int:
     import torch
 
+    from ..features import PromptFeatures
     from ..loading import (
         DEFAULT_MODEL_NAME,
         default_model_dir,
@@ -102,6 +118,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         benign_tokens=args.answer_tokens,
         harmful_contexts=args.harmful_contexts,
         benign_contexts=args.benign_contexts,
+        batch_size=args.generate_batch_size,
     )
     if args.plan is not None:
         plan = load_plan(args.plan)
@@ -140,7 +157,8 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         base_name=base_name,
         build=build,
         lora=lora,
-        probe=not args.no_probe,
+        probe=None if args.no_probe else PromptFeatures.parse(args.probe_features),
+        calibrate=not args.no_calibrate,
         examples_path=args.save_examples,
         command="ngsd-guard " + shlex.join(sys.argv[1:]),
     )

@@ -277,7 +277,7 @@ class BuildConfig:
     max_prefix: int = 100
     temperature: float = 0.8
     batch_size: int = 32
-    harmful_contexts: int = 1
+    harmful_contexts: int = 2
     benign_contexts: int = 2
 
     def __post_init__(self) -> None:
