@@ -25,6 +25,9 @@ class Assessment(BaseModel):
     potential: float = 0.0
     escalate_after: int | None = Field(None, ge=1, description="dissents before alpha rises")
     escalated_alpha: float = Field(0.9, ge=0, le=1)
+    dissent_confidence: float = Field(
+        0.5, ge=0, le=1, description="the expert's least probability on its token for a dissent"
+    )
 
 
 def escalated_alpha(
@@ -34,8 +37,9 @@ def escalated_alpha(
 
     ``alpha_t = max(alpha, raised)`` if ``dissents_t >= after`` else ``alpha``, where
     ``dissents_t`` counts the row's spikes, up to and including step t, at which the expert's
-    most likely token differs from the base's draft (``after = inf``: never). A risk reading
-    that missed is then not final: where the expert keeps disagreeing, it gets its say.
+    most likely token differs from the base's draft and holds at least ``dissent_confidence``
+    of its probability (``after = inf``: never). A risk reading that missed is then not final:
+    where the expert keeps confidently disagreeing, it gets its say.
     All arguments and the result are (B,) tensors.
 
     >>> escalated_alpha(torch.tensor([0.1, 0.1, 0.5]), torch.tensor([2.0, 3.0, 9.0]),

@@ -41,12 +41,14 @@ _SENTENCE_ENDS = (".", "!", "?", "\n")
 @dataclass(frozen=True)
 class Readings:
     """The alpha policy's reading of every row, each (B,): alpha, the neuron's initial
-    potential, and the escalation (spikes before alpha rises, ``inf`` for never; its level)."""
+    potential, and the escalation (dissents before alpha rises, ``inf`` for never; the alpha
+    it rises to; the expert's least probability on its token for a dissent)."""
 
     alpha: torch.Tensor
     potential: torch.Tensor
     escalate_after: torch.Tensor
     escalated_alpha: torch.Tensor
+    dissent_confidence: torch.Tensor
 
 
 Assess = Callable[[torch.Tensor], Readings]
@@ -101,6 +103,7 @@ class _Side:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed (B, T) tokens (after the prompt, if it is still unfed); the logits of the last
         ``keep`` positions (B, keep, V), and the prompt's features if asked (first feed only)."""
+        tokens = tokens.to(self.mask.device)  # the side's bookkeeping lives on the CPU
         count = tokens.shape[1]
         positions = self.next_position.unsqueeze(-1) + torch.arange(count)
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], -1)
@@ -202,6 +205,7 @@ def decode(
         readings.escalate_after.to(device, torch.float32),
         readings.escalated_alpha.to(device, torch.float32),
     )
+    confidence = readings.dissent_confidence.to(device, torch.float32)
     spikes = torch.zeros(rows, dtype=torch.float32, device=device)
     potential = readings.potential
     expert_side = _Side(expert, expert_prompts, pad_id) if expert is not None else None
@@ -288,11 +292,12 @@ def decode(
                 divergence_fn,
                 alpha,
                 escalation,
+                confidence,
                 u.gather(1, (counts.unsqueeze(1) + torch.arange(k)).clamp_max(u.shape[1] - 1)),
                 config,
                 eos,
             )
-        acc_t, draft_t, chosen_t, div_t, spike_t, pot_t, d_t, alpha_t, expert_t = table
+        acc_t, draft_t, chosen_t, div_t, spike_t, pot_t, d_t, alpha_t, expert_t, dissent_t = table
         last_kept = draft[:, -1].clone()
         replaced = False
         for row in range(rows):
@@ -342,6 +347,7 @@ def decode(
                     base_token_id=draft_t[row][i],
                     chosen_token_id=token,
                     expert_token_id=expert_t[row][i],
+                    dissent=dissent_t[row][i],
                     intervened=bool(div_t[row][i]),
                     finish_reason=reason,
                 )
@@ -373,6 +379,7 @@ def _quiet_window(
         zeros,
         alpha.float().cpu().unsqueeze(1).expand(draft.shape).tolist(),
         torch.full(draft.shape, -1).tolist(),
+        flags.tolist(),
     ]
 
 
@@ -387,6 +394,7 @@ def _replay(
     divergence_fn: Divergence,
     alpha: torch.Tensor,
     escalation: tuple[torch.Tensor, torch.Tensor],
+    confidence: torch.Tensor,
     window_u: torch.Tensor,
     config: GuardConfig,
     eos: torch.Tensor,
@@ -398,8 +406,9 @@ def _replay(
     or up to EOS; its gate state is the one after the last kept token.
 
     Alpha escalates per position (:func:`~ngsd_guard.alpha.escalated_alpha`) with the row's
-    count of dissents (spikes where the expert's most likely token is not the draft's), which
-    carries over between windows like the gate state.
+    count of dissents (spikes where the expert's most likely token is not the draft's and has
+    at least ``confidence`` of its probability), which carries over between windows like the
+    gate state.
 
     Returns the new gate state, the new dissent counts and a table of Python lists, each
     (B, k): accepted, draft, chosen, intervened, spiked, potential, divergence, alpha, expert's
@@ -408,8 +417,8 @@ def _replay(
     rows, k, vocab = p_base.shape
     divergence = divergence_fn(p_base.reshape(-1, vocab), p_expert.reshape(-1, vocab))
     divergence = divergence.view(rows, k)
-    expert_top = p_expert.argmax(-1)  # (B, k)
-    dissents = expert_top != draft
+    expert_top_p, expert_top = p_expert.max(-1)  # (B, k) each
+    dissents = (expert_top != draft) & (expert_top_p >= confidence.unsqueeze(1))
     states, potentials, spiked_at, counts, alphas = [], [], [], [], []
     current, count = state, spikes
     for i in range(k):
@@ -454,6 +463,7 @@ def _replay(
             divergence.float(),
             alpha_at.float(),
             expert_top,
+            spiked & dissents & accepted,
         )
     ]
     return new_state, new_spikes, table

@@ -512,6 +512,7 @@ class _Run:
                 [a.escalate_after or float("inf") for a in assessments], dtype=torch.float32
             ),
             escalated_alpha=torch.tensor([a.escalated_alpha for a in assessments]),
+            dissent_confidence=torch.tensor([a.dissent_confidence for a in assessments]),
         )
 
     def _records(self) -> Generator[StepRecord, None, None]:
@@ -530,7 +531,7 @@ class _Run:
                 mean_divergence=sum(r.divergence for r in records) / max(1, len(records)),
                 alpha=self.alphas[row],
                 risk=self.risks[row],
-                escalated=any(r.alpha > self.alphas[row] for r in records),
+                escalated=any(r.alpha > self.alphas[row] + 1e-6 for r in records),  # fp32
                 seconds=seconds,
             )
             self.generations.append(

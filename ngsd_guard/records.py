@@ -26,6 +26,9 @@ class StepRecord(BaseModel):
     chosen_token_id: int
     expert_token_id: int = -1
     """The expert's most likely token here (-1 when no expert ran)."""
+    dissent: bool = False
+    """A spike at which the expert confidently preferred another token than the base's
+    (what in-flight escalation counts; :func:`ngsd_guard.alpha.escalated_alpha`)."""
     intervened: bool
     finish_reason: FinishReason | None = None
 

@@ -105,6 +105,7 @@ class RiskMap(_Frozen):
     potential_low: float = Field(0.0, ge=0)
     escalate_after: int | None = Field(None, ge=1, description="dissents before alpha rises")
     escalated_alpha: float = Field(0.9, ge=0, le=1)
+    dissent_confidence: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> RiskMap:
@@ -129,6 +130,7 @@ class RiskMap(_Frozen):
                     potential=potential,
                     escalate_after=self.escalate_after,
                     escalated_alpha=self.escalated_alpha,
+                    dissent_confidence=self.dissent_confidence,
                 )
             )
         return out

@@ -16,12 +16,18 @@ class EscalatingPolicy:
 
     features = None
 
-    def __init__(self, after: int) -> None:
-        self.after = after
+    def __init__(self, after: int, confidence: float = 0.0) -> None:
+        self.after, self.confidence = after, confidence
 
-    def assess(self, lm, requests, hidden):
+    def assess(self, lm, requests, features):
         return [
-            Assessment(alpha=0.1, escalate_after=self.after, escalated_alpha=0.9) for _ in requests
+            Assessment(
+                alpha=0.1,
+                escalate_after=self.after,
+                escalated_alpha=0.9,
+                dissent_confidence=self.confidence,
+            )
+            for _ in requests
         ]
 
 
@@ -35,14 +41,20 @@ def test_escalated_alpha_closed_form():
     assert torch.equal(escalated_alpha(alpha, dissents, after, raised), expected)
 
 
-def _lm(tiny_base, tiny_expert, tokenizer, threshold: float, window: int) -> GuardedLM:
+def _lm(
+    tiny_base, tiny_expert, tokenizer, threshold: float, window: int, confidence: float = 0.0
+) -> GuardedLM:
     config = GuardConfig(
         gate=GateConfig(threshold=threshold, tau=2.0),
         decoding=DecodingConfig(max_new_tokens=12),
         window=window,
     )
     return GuardedLM.from_models(
-        tiny_base, tokenizer, expert=tiny_expert, config=config, alpha_policy=EscalatingPolicy(3)
+        tiny_base,
+        tokenizer,
+        expert=tiny_expert,
+        config=config,
+        alpha_policy=EscalatingPolicy(3, confidence),
     )
 
 
@@ -52,11 +64,17 @@ def test_alpha_rises_at_the_third_dissent(tiny_base, tiny_expert, tokenizer):
     dissents, expected = 0, []
     for record in generation.records:
         assert record.spiked and record.expert_token_id >= 0
-        dissents += record.expert_token_id != record.base_token_id
+        # confidence 0: every spike where the expert's top token is not the draft's
+        assert record.dissent == (record.expert_token_id != record.base_token_id)
+        dissents += record.dissent
         expected.append(0.9 if dissents >= 3 else 0.1)
     assert dissents >= 3  # two random models disagree often
     assert [round(r.alpha, 4) for r in generation.records] == expected
     assert generation.summary.alpha == 0.1 and generation.summary.escalated
+    # a dissent needs the expert to put at least `confidence` on its token: 1.0 never happens
+    never = _lm(tiny_base, tiny_expert, tokenizer, threshold=0.0, window=4, confidence=1.0)
+    generation = never.generate("Tell me a story.")
+    assert not any(r.dissent for r in generation.records) and not generation.summary.escalated
 
 
 def test_escalation_windowed_equals_step_by_step(tiny_base, tiny_expert, tokenizer):

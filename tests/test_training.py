@@ -111,6 +111,15 @@ def _tiny_plan() -> list[PlannedRequest]:
     return plan
 
 
+def _held_out_plan() -> list[PlannedRequest]:
+    """Two requests that :func:`is_holdout` keeps out of training, for the calibration."""
+    rng = random.Random(1)
+    return [
+        PlannedRequest("benign", "", "test", wrap("bake bread 19", "bare", "train", rng)),
+        PlannedRequest("harmful", "theft", "test", wrap("steal a bike 13", "bare", "train", rng)),
+    ]
+
+
 def test_build_dataset_on_wrapped_and_multiturn_requests(tokenizer):
     model = tiny_llama(4)
     render = _renderer(model, tokenizer)
@@ -220,7 +229,7 @@ def test_train_expert_writes_a_peft_adapter_a_probe_and_a_record(tokenizer, tmp_
     record = train_expert(
         tiny_llama(6),
         tokenizer,
-        plan=_tiny_plan(),
+        plan=_tiny_plan() + _held_out_plan(),
         out=out,
         base_name="tiny",
         build=build,
@@ -235,33 +244,41 @@ def test_train_expert_writes_a_peft_adapter_a_probe_and_a_record(tokenizer, tmp_
     assert saved["probe"]["harmful"] == 4
     probe = ProbeReader.load(out / "probe.safetensors")
     assert probe.weight.shape == (64,) and str(probe.features) == "last@2+mean@1"
+    assert saved["calibration"]["held_out"] == 2
     risk_map = load_risk_map(out)
-    assert risk_map.escalate_after == saved["calibration"]["escalate_after"]
+    assert risk_map.model_dump() == saved["calibration"]["risk_map"]
+    assert risk_map.alpha_low == 0.0 and risk_map.low == risk_map.high >= 6.0
     loaded = PeftModel.from_pretrained(tiny_llama(6), out)
     assert loaded.peft_config["default"].r == 2
 
 
 def test_calibration_counts_dissents_and_holds_out_stably():
     from ngsd_guard.records import StepRecord
-    from ngsd_guard.training.calibrate import choose_escalation, dissents, is_holdout
+    from ngsd_guard.training.calibrate import (
+        choose_escalation,
+        choose_high,
+        dissents,
+        is_holdout,
+    )
 
-    def record(spiked: bool, base: int, expert: int) -> StepRecord:
+    def record(spiked: bool, dissent: bool) -> StepRecord:
         return StepRecord(
             row=0,
             step=0,
-            token_id=base,
+            token_id=1,
             text="",
             divergence=0.5,
             potential=1.0,
             spiked=spiked,
-            alpha=0.1,
-            base_token_id=base,
-            chosen_token_id=base,
+            alpha=0.0,
+            base_token_id=1,
+            chosen_token_id=1,
             intervened=False,
-            expert_token_id=expert,
+            expert_token_id=2,
+            dissent=dissent,
         )
 
-    records = [record(True, 1, 2), record(True, 3, 3), record(False, 4, 5), record(True, 6, 7)]
+    records = [record(True, True), record(True, False), record(False, False), record(True, True)]
     generation = Generation(
         text="", token_ids=[], records=records, summary=_summary(), finish_reason="stop"
     )
@@ -270,9 +287,11 @@ def test_calibration_counts_dissents_and_holds_out_stably():
         is_holdout(f"request {i}") for i in range(50)
     ]
     assert 0 < sum(is_holdout(f"request {i}") for i in range(1000)) < 200
-    choice = choose_escalation([0] * 98 + [3, 9], [1, 4, 9], max_benign_share=0.02)
-    assert choice.escalate_after == 2 and choice.harmful_reached == 2 / 3
-    assert choose_escalation([20] * 10, [20], candidates=(2, 3)).escalate_after is None
+    assert choose_escalation([0] * 98 + [3, 9], max_share=0.02) == 1
+    assert choose_escalation([0] * 98 + [3, 9], max_share=0.01) == 4
+    assert choose_escalation([20] * 10, max_share=0.0, candidates=(2, 3)) is None
+    assert choose_high([1.0] * 99 + [8.0], max_share=0.01) == 6.0
+    assert choose_high([1.0] * 98 + [7.0, 8.0], max_share=0.01) == 7.0
 
 
 def _summary():

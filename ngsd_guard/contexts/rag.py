@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ def passages() -> tuple[Passage, ...]:
 @functools.cache
 def _index():
     import bm25s
+
+    # bm25s sets its own logger to DEBUG on import; keep its chatter at the application's level
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
 
     corpus = [f"{p.title}. {p.text}" for p in passages()]
     index = bm25s.BM25()

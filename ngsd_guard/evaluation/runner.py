@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..contexts import Conversation
-from ..judge import is_refusal
+from ..judge import is_refusal, points_to_help
 from .sets import EvalSet
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ def evaluate_set(
             "guarded": g.text,
             "base_refusal": is_refusal(b.text),
             "guarded_refusal": is_refusal(g.text),
+            "guarded_points_to_help": points_to_help(g.text),
             "spikes": g.summary.spikes,
             "intervened": g.summary.intervened,
             "alpha": g.summary.alpha,

@@ -85,7 +85,60 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--save-examples", type=Path, help="write the examples as JSONL here")
     parser.add_argument("--json", action="store_true", help="print training.json")
     parser.set_defaults(handler=cmd_train_expert)
+    _add_calibrate_parser(subparsers)
     return parser
+
+
+def _add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate-expert",
+        help="choose an expert's risk thresholds and alpha escalation on held-out requests",
+        description=(
+            "Reads the probe's risk of the held-out slice of the training plan, decodes the "
+            "requests read as low risk at alpha 0, counts the expert's dissents, and writes the "
+            "chosen risk map to the expert's policy.json (what train-expert does last)."
+        ),
+    )
+    parser.add_argument("--expert-dir", type=Path, required=True, help="adapter dir with probe")
+    parser.add_argument("--model", help="base model dir or cached hub id (default: embedded)")
+    parser.add_argument("--plan", type=Path, help="the training plan (default: planned anew)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: ../shared/data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-benign-high", type=float, default=0.01)
+    parser.add_argument("--max-benign-escalated", type=float, default=0.05)
+    parser.set_defaults(handler=cmd_calibrate_expert)
+
+
+def cmd_calibrate_expert(args: argparse.Namespace) -> int:
+    from ..guarded import GuardedLM
+    from ..loading import default_model_dir
+    from ..reflection import ProbeReader
+    from .calibrate import calibrate, is_holdout
+    from .data import BuildConfig, load_plan, load_seeds, plan_requests
+
+    if args.plan is not None:
+        plan = load_plan(args.plan)
+    else:
+        seeds = load_seeds(args.data_dir or default_data_dir())
+        plan = plan_requests(seeds, BuildConfig(seed=args.seed))
+    holdout = [p for p in plan if is_holdout(p.conversation.request)]
+    lm = GuardedLM.from_pretrained(
+        args.model or default_model_dir(), adapter=args.expert_dir, device=args.device
+    )
+    result = calibrate(
+        lm,
+        ProbeReader.load(args.expert_dir / "probe.safetensors"),
+        holdout,
+        batch_size=args.batch_size,
+        max_benign_high=args.max_benign_high,
+        max_benign_escalated=args.max_benign_escalated,
+    )
+    result.save(args.expert_dir)
+    record = {k: v for k, v in result.record().items() if not k.startswith("dissents")}
+    print(json.dumps(record, indent=2))
+    return 0
 
 
 def cmd_train_expert(args: argparse.Namespace) -> int:

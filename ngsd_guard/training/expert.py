@@ -15,8 +15,9 @@ import torch
 from ..contexts import Conversation
 from ..features import PromptFeatures
 from ..guarded import GuardedLM
-from ..reflection import DEFAULT_RISK_MAP, POLICY_FILE, ProbeReader, ReflectionAlpha
-from .calibrate import choose_escalation, dissents, is_holdout
+from ..reflection import ProbeReader
+from .calibrate import calibrate as calibrate_policy
+from .calibrate import is_holdout
 from .data import BuildConfig, PlannedRequest, build_dataset, save_examples
 from .probe import cross_validated_auc, fit_probe, probe_features
 from .trainer import LoraSettings, train_lora, wrap_lora
@@ -103,53 +104,19 @@ def train_expert(
         "lora": report.settings,
         "device": str(next(model.parameters()).device),
     }
-    if calibrate:
-        record["calibration"] = _calibrate(peft_model, tokenizer, holdout, out, build)
+    if calibrate and holdout:
+        engine = GuardedLM.from_models(peft_model, tokenizer)
+        result = calibrate_policy(
+            engine, ProbeReader.load(out / PROBE_FILE), holdout, batch_size=build.batch_size
+        )
+        result.save(out)
+        record["calibration"] = {
+            k: v for k, v in result.record().items() if not k.startswith("dissents")
+        }
     record["build"] = asdict(build)
     record["seconds"] = round(time.perf_counter() - started, 1)
     (out / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
-
-
-def _calibrate(
-    peft_model, tokenizer, holdout: Sequence[PlannedRequest], out: Path, build: BuildConfig
-) -> dict[str, object]:
-    """Answer the held-out requests with the trained expert and probe (no escalation), choose
-    ``escalate_after`` from the dissent counts, and write ``policy.json``."""
-    policy = ReflectionAlpha(ProbeReader.load(out / PROBE_FILE), DEFAULT_RISK_MAP)
-    engine = GuardedLM.from_models(peft_model, tokenizer, alpha_policy=policy)
-    groups: dict[str, list[PlannedRequest]] = {}
-    for planned in holdout:
-        groups.setdefault(json.dumps(planned.conversation.tools, sort_keys=True), []).append(
-            planned
-        )
-    counts: dict[str, list[int]] = {"benign": [], "harmful": []}
-    for planned_group in groups.values():
-        for start in range(0, len(planned_group), build.batch_size):
-            chunk = planned_group[start : start + build.batch_size]
-            generations = engine.generate_batch(
-                [list(p.conversation.messages) for p in chunk],
-                tools=list(chunk[0].conversation.tools) or None,
-                max_new_tokens=build.benign_tokens,
-            )
-            for planned, generation in zip(chunk, generations, strict=True):
-                if generation.summary.alpha < DEFAULT_RISK_MAP.escalated_alpha:
-                    counts[planned.label].append(dissents(generation))
-    choice = choose_escalation(counts["benign"], counts["harmful"])
-    risk_map = DEFAULT_RISK_MAP.model_copy(update={"escalate_after": choice.escalate_after})
-    calibration = {
-        "held_out_requests": len(holdout),
-        "escalate_after": choice.escalate_after,
-        "benign_reached": round(choice.benign_reached, 4),
-        "harmful_reached": round(choice.harmful_reached, 4),
-        "benign_read_below_high": choice.benign,
-        "harmful_read_below_high": choice.harmful,
-        "dissent_counts": choice.counts,
-    }
-    policy_record = {"risk_map": risk_map.model_dump(), "calibration": calibration}
-    (out / POLICY_FILE).write_text(json.dumps(policy_record, indent=2) + "\n")
-    logger.info("calibration: %s", {k: v for k, v in calibration.items() if k != "dissent_counts"})
-    return calibration
 
 
 def _train_probe(
