@@ -40,11 +40,12 @@ from dataclasses import dataclass
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .alpha import Assessment
+from .alpha import AlphaSchedule, Assessment
 from .config import DecodingConfig, GuardConfig
 from .detokenize import RowText
 from .divergence import DIVERGENCES
 from .experts import Expert, Runner
+from .features import PromptFeatures
 from .gate import GateState, make_gate
 from .records import StepRecord
 from .replay import WindowResult, replay
@@ -54,8 +55,9 @@ from .sides import ModelSide, Prefill, prefill, split
 from .verify import Verification, WindowTable
 
 Assess = Callable[[Sequence[str], torch.Tensor], Sequence[Assessment]]
-"""The alpha policy: (requests, (N, H) fp32 hidden state at each prompt's last token, or
-(N, 0) when the policy does not need it) -> one Assessment (alpha, risk, potential) each."""
+"""The alpha policy: (requests, (N, F) fp32 prompt features pooled from the base's prefill,
+or (N, 0) when the policy reads none) -> one Assessment (alpha, risk, potential, escalation)
+each."""
 
 
 OVERLAP_MAX_TOKENS = 16
@@ -115,13 +117,13 @@ class Decoder:
         tokenizer: PreTrainedTokenizerBase,
         eos_ids: Sequence[int],
         assess: Assess,
-        policy_needs_hidden: bool,
+        features: PromptFeatures | None,
     ) -> None:
         self.base, self.expert, self.config = base, expert, config
         self.tokenizer = tokenizer
         self.eos_ids = list(eos_ids)
         self.eos = set(self.eos_ids)
-        self.assess, self.policy_needs_hidden = assess, policy_needs_hidden
+        self.assess, self.features = assess, features
         self.gate = make_gate(config.gate)
         self.divergence = DIVERGENCES[config.divergence]
         self.max_window = config.window if expert is not None else 1
@@ -137,7 +139,8 @@ class Decoder:
         self._base_side: ModelSide | None = None
         self._expert_side: ModelSide | None = None
         self._state: GateState = {}
-        self._alpha = torch.zeros(0)
+        self._schedule = AlphaSchedule.of([])
+        self._dissents = torch.zeros(0)  # (B,) fp32 on the gate's device
         self._sampling = SamplingParams.of([])
 
     # ------------------------------------------------------------------ inbox (any thread)
@@ -221,7 +224,8 @@ class Decoder:
         count = len(specs)
         pad_id = self.eos_ids[0]
         base_prompts = [s.base_ids for s in specs]
-        hidden = self.policy_needs_hidden and any(s.alpha is None for s in specs)
+        features = self.features if any(s.alpha is None for s in specs) else None
+        spans = [s.span for s in specs]
         expert_pre: Prefill | None = None
         joint = self.expert.joint_adapter if self.expert is not None else None
         if self.expert is not None and joint and all(s.base_ids == s.expert_ids for s in specs):
@@ -229,18 +233,19 @@ class Decoder:
                 self.expert.runner,
                 [*base_prompts, *base_prompts],
                 pad_id,
-                hidden=hidden,
+                features=features,
+                spans=[*spans, *spans],
                 adapter_names=["__base__"] * count + [joint] * count,
             )
             base_pre, expert_pre = split(both, count, (self.base, self.expert.runner))
         else:
-            base_pre = prefill(self.base, base_prompts, pad_id, hidden=hidden)
+            base_pre = prefill(self.base, base_prompts, pad_id, features=features, spans=spans)
             if self.expert is not None:
                 expert_prompts = [s.expert_ids for s in specs]
                 expert_pre = prefill(self.expert.runner, expert_prompts, pad_id)
         if self._timing.estimate("verify") is None:  # a prompt's forward: a first guess
             self._timing.observe("verify", time.perf_counter() - admitted)
-        assessments = self._assessments(specs, base_pre.hidden)
+        assessments = self._assessments(specs, base_pre.features)
         device = self.base.out_device
         potential = torch.tensor([a.potential for a in assessments], dtype=torch.float32)
         state = self.gate.initial_state(count, device, potential.to(device))
@@ -259,29 +264,32 @@ class Decoder:
             )
             for i, (spec, assessment) in enumerate(zip(specs, assessments, strict=True))
         )
-        alpha = torch.tensor([a.alpha for a in assessments], dtype=torch.float32)
+        schedule = AlphaSchedule.of(assessments)
+        dissents = torch.zeros(count, device=device)
         sampling = SamplingParams.of([s.decoding for s in specs])
         if self._base_side is None:
             self._base_side = base_pre.side
             self._expert_side = expert_pre.side if expert_pre is not None else None
-            self._state, self._alpha, self._sampling = state, alpha, sampling
+            self._state, self._schedule, self._sampling = state, schedule, sampling
+            self._dissents = dissents
             return
         self._base_side.extend(base_pre.side)
         if self._expert_side is not None and expert_pre is not None:
             self._expert_side.extend(expert_pre.side)
         self._state = {k: torch.cat([self._state[k], state[k]]) for k in self._state}
-        self._alpha = torch.cat([self._alpha, alpha])
+        self._schedule = self._schedule.cat(schedule)
+        self._dissents = torch.cat([self._dissents, dissents])
         self._sampling = self._sampling.cat(sampling)
 
     def _assessments(
-        self, specs: Sequence[RowSpec], hidden: torch.Tensor | None
+        self, specs: Sequence[RowSpec], features: torch.Tensor | None
     ) -> list[Assessment]:
         """Each row's alpha: its fixed one, or the policy's reading of its request."""
         read = [i for i, s in enumerate(specs) if s.alpha is None]
         by_policy: list[Assessment] = []
         if read:
-            states = hidden[read] if hidden is not None else torch.zeros(len(read), 0)
-            by_policy = list(self.assess([specs[i].request for i in read], states))
+            pooled = features[read] if features is not None else torch.zeros(len(read), 0)
+            by_policy = list(self.assess([specs[i].request for i in read], pooled))
         policy = iter(by_policy)
         return [Assessment(alpha=s.alpha) if s.alpha is not None else next(policy) for s in specs]
 
@@ -303,7 +311,8 @@ class Decoder:
         if self._expert_side is not None:
             self._expert_side.select(index)
         self._state = {k: v[index.to(v.device)] for k, v in self._state.items()}
-        self._alpha = self._alpha[index]
+        self._schedule = self._schedule.rows(index)
+        self._dissents = self._dissents[index.to(self._dissents.device)]
         self._sampling = self._sampling.rows(index)
 
     # ------------------------------------------------------------------ 1. draft
@@ -366,6 +375,8 @@ class Decoder:
                 continue
             draft = row.pending.pop()
             delta, reason = row.keep(draft.token, complete=draft.complete, eos=self.eos, now=now)
+            if row.result is not None:  # readable by the time its last record arrives
+                self.results[row.spec.row] = row.result
             yield StepRecord(
                 row=row.spec.row,
                 step=len(row.tokens) - 1,
@@ -414,7 +425,8 @@ class Decoder:
             state=self._state,
             gate=self.gate,
             divergence=self.divergence,
-            alpha=self._alpha.to(job.base_logits.device),
+            schedule=self._schedule.to(job.base_logits.device),
+            dissents=self._dissents,
             u=job.u,
             sampling=self._sampling,
             top_k=self.config.intervention.top_k,
@@ -425,7 +437,7 @@ class Decoder:
     def _settle(self, job: Verification, result: WindowResult) -> Generator[StepRecord, None, None]:
         """Keep each row's surviving tokens, cut the rest of a replaced draft, adapt windows."""
         assert self._base_side is not None and self._expert_side is not None
-        self._state = result.state
+        self._state, self._dissents = result.state, result.dissents
         table = WindowTable.of(result)
         now = time.perf_counter()
         for r, (row, m) in enumerate(zip(job.rows, job.counts, strict=True)):
@@ -443,6 +455,8 @@ class Decoder:
                     self._expert_side.forget(r, m - 1 - j)
                     row.fresh = False
                 delta, reason = row.keep(token, complete=complete, eos=self.eos, now=now)
+                if row.result is not None:
+                    self.results[row.spec.row] = row.result
                 yield table.record(r, j, row, delta, reason)
                 if reason is not None:
                     break

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .errors import IncompatibleTokenizerError
+from .features import PromptFeatures, capture_layers
 
 ExpertKind = Literal["lora", "model", "prompted"]
 
@@ -60,6 +61,15 @@ def is_peft(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+_FORWARD_HOOK_REGISTRIES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
 def without_adapters(peft_model: torch.nn.Module) -> torch.nn.Module:
     """The base model inside ``peft_model``, with every LoRA layer replaced by the layer it
     wraps. The module tree is new but every parameter is the same tensor: no second copy of the
@@ -72,6 +82,11 @@ def without_adapters(peft_model: torch.nn.Module) -> torch.nn.Module:
             return module.get_base_layer()
         clone = copy.copy(module)
         clone._modules = {name: strip(child) for name, child in module._modules.items()}
+        # own copies of the hook registries: a hook added to the base tree later (the probe's
+        # feature capture) must not fire in the adapter model's forwards
+        for registry in _FORWARD_HOOK_REGISTRIES:
+            if hasattr(module, registry):
+                setattr(clone, registry, type(getattr(module, registry))(getattr(module, registry)))
         return clone
 
     return strip(peft_model.get_base_model())
@@ -93,13 +108,16 @@ class Runner:
         position_ids: torch.Tensor,
         cache: DynamicCache,
         *,
-        hidden: bool = False,
+        features: PromptFeatures | None = None,
+        spans: torch.Tensor | None = None,
         keep: int = 0,
         adapter_names: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T) ids -> ((B, T', V) fp32 logits, (B, H) fp32 last hidden state or None).
+        """(B, T) ids -> ((B, T', V) fp32 logits, (B, F) fp32 prompt features or None).
 
         ``keep`` > 0 computes the logits of the last ``keep`` positions only (T' = keep).
+        ``features`` are pooled from this forward's hidden states (:mod:`ngsd_guard.features`),
+        with ``spans`` (B, 2) the [start, end) positions of each row's last user message.
         ``adapter_names``: per row, the peft adapter to apply (``"__base__"``: none), for a
         batch that mixes base and LoRA-expert rows in one forward.
         """
@@ -110,21 +128,24 @@ class Runner:
             options["logits_to_keep"] = keep
         if adapter_names is not None:
             options["adapter_names"] = list(adapter_names)
+        pooled = None
         with handle.lock:
-            out = handle.model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device),
-                use_cache=True,
-                output_hidden_states=hidden,
-                **options,
-            )
+            layers = features.layers if features is not None else ()
+            with capture_layers(handle.model, layers) as states:
+                out = handle.model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    position_ids=position_ids.to(device),
+                    use_cache=True,
+                    **options,
+                )
+                if features is not None:
+                    if spans is None:
+                        raise ValueError("`features` need the `spans` of the last user message")
+                    pooled = features.pool(states, spans.to(device)).to(self.out_device)
         logits = out.logits[:, -keep:] if keep else out.logits
         logits = logits[..., : self.vocab_size].to(self.out_device, torch.float32)
-        last_hidden = (
-            out.hidden_states[-1][:, -1].to(self.out_device, torch.float32) if hidden else None
-        )
-        return logits, last_hidden
+        return logits, pooled
 
 
 @dataclass

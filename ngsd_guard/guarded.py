@@ -36,6 +36,7 @@ from .experts import (
     shared_vocab_size,
     without_adapters,
 )
+from .features import PromptFeatures
 from .loading import (
     DEFAULT_MODEL_NAME,
     default_model_dir,
@@ -401,12 +402,26 @@ class GuardedLM:
         return torch.log_softmax(done.logits, dim=-1)
 
     @torch.no_grad()
-    def prompt_hidden(self, texts: Sequence[str]) -> torch.Tensor:
-        """(B, H) fp32 last-layer hidden state of the base at each raw text's last token."""
-        ids = [self._checked_ids(t) for t in texts]
-        done = prefill(self._base, ids, self._eos_ids[0], hidden=True)
-        assert done.hidden is not None
-        return done.hidden
+    def read_features(
+        self,
+        prompts: Sequence[Prompt],
+        features: PromptFeatures,
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        raw: bool = False,
+    ) -> torch.Tensor:
+        """(B, F) fp32 prompt features of the base's prefill (:mod:`ngsd_guard.features`), for
+        prompts rendered as generation renders them: what a risk probe reads."""
+        tokens = [self.encode_prompt(prompt, raw=raw, tools=tools) for prompt in prompts]
+        done = prefill(
+            self._base,
+            [t.base for t in tokens],
+            self._eos_ids[0],
+            features=features,
+            spans=[t.span for t in tokens],
+        )
+        assert done.features is not None
+        return done.features
 
     def _checked_ids(self, text: str) -> list[int]:
         if not isinstance(text, str) or not text.strip():
@@ -432,6 +447,7 @@ class GuardedLM:
             messages = _messages(prompt)
             text = self._render(messages, tools)
         ids = self._checked_ids(text)
+        request = _last_user(messages)
         expert_ids = ids
         if self._expert is not None and self._expert.safety_prompt is not None:
             expert_text = (
@@ -440,7 +456,22 @@ class GuardedLM:
                 else self._render(self._expert.messages(messages), tools)
             )
             expert_ids = self._checked_ids(expert_text)
-        return PromptTokens(base=ids, expert=expert_ids, request=_last_user(messages))
+        return PromptTokens(
+            base=ids, expert=expert_ids, request=request, span=self._span(text, request, ids)
+        )
+
+    def _span(self, text: str, request: str, ids: list[int]) -> tuple[int, int]:
+        """[start, end) token positions of ``request`` (the last user message) in ``text``;
+        the whole text when it is not found verbatim."""
+        start = text.rfind(request) if request else -1
+        if start < 0:
+            return 0, len(ids)
+        end = start + len(request)
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
+        inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+        return (inside[0], inside[-1] + 1) if inside else (0, len(ids))
 
     def _row(self, row: int, request: GenerationRequest) -> _RowRequest:
         """Validate one request and turn it into the loop's RowSpec (plus what the facade
@@ -474,6 +505,7 @@ class GuardedLM:
             base_ids=tokens.base,
             expert_ids=tokens.expert,
             request=tokens.request,
+            span=tokens.span,
             decoding=decoding,
             alpha=alpha,
             matcher=constraint.matcher() if constraint is not None else None,
@@ -481,23 +513,26 @@ class GuardedLM:
         )
         return _RowRequest(spec, list(options.get("listeners", ())))
 
-    def _assess(self, requests: Sequence[str], hidden: torch.Tensor) -> list[Assessment]:
+    def _assess(self, requests: Sequence[str], features: torch.Tensor) -> list[Assessment]:
         policy = self.alpha_policy or FixedAlpha(self.config.intervention.alpha)
-        return list(policy.assess(self, requests, hidden))
+        return list(policy.assess(self, requests, features))
 
     @property
-    def _policy_needs_hidden(self) -> bool:
+    def _policy_features(self) -> PromptFeatures | None:
+        """The prompt features the alpha policy reads (None: none)."""
         policy = self.alpha_policy or FixedAlpha(self.config.intervention.alpha)
-        return bool(getattr(policy, "needs_hidden", True))
+        return getattr(policy, "features", None)
 
 
 @dataclass(frozen=True)
 class PromptTokens:
-    """A prompt as each model sees it, and the request text the alpha policy reads."""
+    """A prompt as each model sees it, the request text the alpha policy reads, and where that
+    request lies in the base's tokens ([start, end); the whole prompt when not found)."""
 
     base: list[int]
     expert: list[int]
     request: str
+    span: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -549,7 +584,7 @@ class BatchStream:
             tokenizer=lm.tokenizer,
             eos_ids=lm._eos_ids,
             assess=lm._assess,
-            policy_needs_hidden=lm._policy_needs_hidden,
+            features=lm._policy_features,
         )
         for request in requests:
             self.add(request)
@@ -594,14 +629,16 @@ class BatchStream:
             raise RuntimeError(f"row {row} has not finished; iterate the stream further")
         records = self._records[row]
         spikes = [r for r in records if r.spiked]
+        alpha = result.alpha if result.alpha is not None else self._lm.config.intervention.alpha
         summary = Summary(
             tokens=len(result.token_ids),
             prompt_tokens=len(self._rows[row].spec.base_ids),
             spikes=len(spikes),
             intervened=sum(r.intervened for r in spikes),
             mean_divergence=sum(r.divergence for r in records) / max(1, len(records)),
-            alpha=records[0].alpha if records else self._lm.config.intervention.alpha,
+            alpha=alpha,
             risk=result.risk,
+            escalated=any(r.alpha > alpha + 1e-6 for r in records),  # fp32 per-token alphas
             seconds=result.seconds,
         )
         return Generation(

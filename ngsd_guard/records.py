@@ -26,6 +26,11 @@ class StepRecord(BaseModel):
     alpha: float
     base_token_id: int
     chosen_token_id: int
+    expert_token_id: int = -1
+    """The expert's most likely token here (-1 when no expert ran)."""
+    dissent: bool = False
+    """A spike at which the expert confidently preferred another token than the base's
+    (what in-flight escalation counts; :func:`ngsd_guard.alpha.escalated_alpha`)."""
     intervened: bool
     finish_reason: FinishReason | None = None
 
@@ -39,7 +44,8 @@ class GateEvent(StepRecord):
 
 
 class Summary(BaseModel):
-    """Totals of one generation."""
+    """Totals of one generation. ``alpha`` is the policy's reading before decoding;
+    ``escalated``: the expert's sustained divergence raised it mid-answer."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -50,6 +56,7 @@ class Summary(BaseModel):
     mean_divergence: float
     alpha: float
     risk: float | None = None
+    escalated: bool = False
     seconds: float
 
 

@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 from .alpha import Assessment
 from .config import _Frozen
 from .errors import ConfigError
+from .features import PromptFeatures
 
 if TYPE_CHECKING:
     from .guarded import GuardedLM
@@ -91,7 +92,8 @@ class RiskMap(_Frozen):
     """Risk -> alpha and primed potential, by thresholds (paper: 0.9 above 6, 0.1 below 5,
     0.5 between). ``potential_*`` is the neuron's initial potential: with LIF,
     ``v_0 = (1 - 1/tau) potential + D_0``, so a potential of ``threshold / (1 - 1/tau)`` or more
-    fires on the first token."""
+    fires on the first token. ``escalate_after`` dissenting spikes in an answer raise alpha to
+    ``escalated_alpha`` (:func:`~ngsd_guard.alpha.escalated_alpha`); None never does."""
 
     high: float = Field(6.0, ge=0, le=10, description="risk above this is high")
     low: float = Field(5.0, ge=0, le=10, description="risk below this is low")
@@ -101,6 +103,9 @@ class RiskMap(_Frozen):
     potential_high: float = Field(0.0, ge=0, description="initial potential for high risk")
     potential_mid: float = Field(0.0, ge=0)
     potential_low: float = Field(0.0, ge=0)
+    escalate_after: int | None = Field(None, ge=1, description="dissents before alpha rises")
+    escalated_alpha: float = Field(0.9, ge=0, le=1)
+    dissent_confidence: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> RiskMap:
@@ -118,7 +123,16 @@ class RiskMap(_Frozen):
                 alpha, potential = self.alpha_low, self.potential_low
             else:
                 alpha, potential = self.alpha_mid, self.potential_mid
-            out.append(Assessment(alpha=alpha, risk=r, potential=potential))
+            out.append(
+                Assessment(
+                    alpha=alpha,
+                    risk=r,
+                    potential=potential,
+                    escalate_after=self.escalate_after,
+                    escalated_alpha=self.escalated_alpha,
+                    dissent_confidence=self.dissent_confidence,
+                )
+            )
         return out
 
 
@@ -279,10 +293,16 @@ class LogprobReader:
 
 
 class ProbeReader:
-    """``risk = 10 sigmoid(w . (h - mean) / std + bias)`` on the prefill's hidden state."""
+    """``risk = 10 sigmoid(w . (h - mean) / std + bias)`` on the prefill's pooled hidden states
+    ``h`` (``features``, e.g. ``last@30+mean@18``; see :mod:`ngsd_guard.features`)."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        features: PromptFeatures,
     ) -> None:
         if weight.ndim != 1 or mean.shape != weight.shape or std.shape != weight.shape:
             raise ConfigError(
@@ -291,6 +311,7 @@ class ProbeReader:
             )
         self.weight, self.bias = weight.float(), bias.float().reshape(())
         self.mean, self.std = mean.float(), std.float().clamp_min(1e-6)
+        self.features = features
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeReader:
@@ -299,28 +320,44 @@ class ProbeReader:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"probe file (={str(path)!r}) not found; train one with train-expert")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            spec = (handle.metadata() or {}).get("features")
+        if spec is None:
+            raise ConfigError(
+                f"probe file (={str(path)!r}) does not say which features it reads (no "
+                "'features' metadata); retrain it with train-expert"
+            )
         tensors = load_file(str(path))
-        return cls(tensors["weight"], tensors["bias"], tensors["mean"], tensors["std"])
+        return cls(
+            tensors["weight"],
+            tensors["bias"],
+            tensors["mean"],
+            tensors["std"],
+            PromptFeatures.parse(spec),
+        )
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         from safetensors.torch import save_file
 
         tensors = {"weight": self.weight, "bias": self.bias.reshape(1), "mean": self.mean}
         tensors["std"] = self.std
+        metadata = {**(metadata or {}), "features": str(self.features)}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, H) -> (B,) log-odds of 'harmful'."""
-        z = (hidden.float().to(self.weight.device) - self.mean) / self.std
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) -> (B,) log-odds of 'harmful'."""
+        z = (features.float().to(self.weight.device) - self.mean) / self.std
         return z @ self.weight + self.bias
 
-    def read(self, lm: GuardedLM, requests: Sequence[str], hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[-1] != self.weight.shape[0]:
+    def read(self, lm: GuardedLM, requests: Sequence[str], features: torch.Tensor) -> torch.Tensor:
+        if features.shape[-1] != self.weight.shape[0]:
             raise ConfigError(
-                f"the probe expects hidden size {self.weight.shape[0]} but the model gives "
-                f"{hidden.shape[-1]}; train a probe for this model with train-expert"
+                f"the probe expects {self.weight.shape[0]} features ({self.features}) but the "
+                f"model gives {features.shape[-1]}; train a probe for this model with train-expert"
             )
-        return 10.0 * torch.sigmoid(self.logits(hidden.cpu()))
+        return 10.0 * torch.sigmoid(self.logits(features.cpu()))
 
 
 # ---------------------------------------------------------------------------- the policy
@@ -335,27 +372,42 @@ class ReflectionAlpha:
         self.reader = reader
         self.risk_map = risk_map or RiskMap()
 
+    @property
+    def features(self) -> PromptFeatures | None:
+        """What the reader needs from the prefill (a probe's features), else None."""
+        return getattr(self.reader, "features", None)
+
     def assess(
-        self, lm: GuardedLM, requests: Sequence[str], hidden: torch.Tensor
+        self, lm: GuardedLM, requests: Sequence[str], features: torch.Tensor
     ) -> list[Assessment]:
-        return self.risk_map.assess(self.reader.read(lm, requests, hidden))
+        return self.risk_map.assess(self.reader.read(lm, requests, features))
 
 
-SHIPPED_PROBE = (
-    Path(__file__).parent / "data" / "experts" / "smollm2-135m-instruct" / "probe.safetensors"
-)
+SHIPPED_EXPERT = Path(__file__).parent / "data" / "experts" / "smollm2-135m-instruct"
+SHIPPED_PROBE = SHIPPED_EXPERT / "probe.safetensors"
+POLICY_FILE = "policy.json"
+"""Beside an expert's probe: the :class:`RiskMap` fields that its training chose."""
 
 DEFAULT_RISK_MAP = RiskMap(alpha_high=0.9, alpha_mid=0.5, alpha_low=0.1, potential_high=2.0)
-"""The shipped default: the paper's thresholds and alphas, and a high-risk request primes the
-neuron so that it fires from the first token (chosen by the evaluation; see README)."""
+"""Without a ``policy.json``: the paper's thresholds and alphas, and a high-risk request
+primes the neuron so that it fires from the first token."""
+
+
+def load_risk_map(directory: str | Path) -> RiskMap:
+    """The expert directory's ``policy.json`` as a RiskMap, else :data:`DEFAULT_RISK_MAP`."""
+    path = Path(directory) / POLICY_FILE
+    if not path.is_file():
+        return DEFAULT_RISK_MAP
+    return RiskMap(**json.loads(path.read_text())["risk_map"])
 
 
 def default_policy(probe: str | Path | None = None) -> ReflectionAlpha | None:
-    """The probe policy of the shipped expert, or None when no probe file is there."""
+    """The probe policy of an expert directory's probe (default: the shipped expert's), with
+    the risk map of its ``policy.json``; None when there is no probe file."""
     path = Path(probe) if probe is not None else SHIPPED_PROBE
     if not path.is_file():
         return None
-    return ReflectionAlpha(ProbeReader.load(path), DEFAULT_RISK_MAP)
+    return ReflectionAlpha(ProbeReader.load(path), load_risk_map(path.parent))
 
 
 def risk_json(scores: dict[str, float]) -> str:

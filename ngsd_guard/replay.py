@@ -4,7 +4,10 @@ the first one that does not.
 Every row of the window holds the base's drafts ``y_0 .. y_{m-1}`` (``m`` may differ per row:
 positions past it are padding) with both models' distributions at each position. Per position
 ``i``, in order: ``D_i = divergence(p_b, p_e)``; the gate steps on ``D_i``; where it spikes, the
-token is chosen from ``s = p_b + alpha_i (p_e - p_b)`` on ``top-k(p_b) ∪ top-k(p_e)``. A row
+token is chosen from ``s = p_b + alpha_i (p_e - p_b)`` on ``top-k(p_b) ∪ top-k(p_e)``, with
+``alpha_i`` the row's alpha escalated by its dissents so far (spikes where the expert's most
+likely token differs from the draft and holds at least ``dissent_confidence``;
+:func:`ngsd_guard.alpha.escalated_alpha`), a count that carries over between windows. A row
 keeps its drafts up to its first spike whose choice differs from the draft (that token
 replaced) or its first EOS, whichever comes first; its gate state becomes the one after its
 last kept token. This is exactly step-by-step NGSD over the kept tokens (NGSD, Sec. 3).
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .alpha import AlphaSchedule
 from .divergence import Divergence
 from .gate import Gate, GateState
 from .intervention import intervene
@@ -33,7 +37,12 @@ class WindowResult:
     intervened: torch.Tensor  # bool: it fired and the choice differs from the draft
     potential: torch.Tensor  # fp32: the gate's potential there, before any reset
     divergence: torch.Tensor  # fp32: D_i
+    alpha: torch.Tensor  # fp32: the expert weight there (escalated or not)
+    expert_token: torch.Tensor  # long: the expert's most likely token there
+    dissent: torch.Tensor  # bool: it spiked and the expert confidently chose another token
     state: GateState  # (B,) tensors: each row's gate state after its last kept token
+    dissents: torch.Tensor  # (B,) fp32, on the gate's device: each row's dissents after its
+    # last kept token
 
     @property
     def kept_count(self) -> torch.Tensor:
@@ -51,7 +60,8 @@ def replay(
     state: GateState,
     gate: Gate,
     divergence: Divergence,
-    alpha: torch.Tensor,
+    schedule: AlphaSchedule,
+    dissents: torch.Tensor,
     u: torch.Tensor,
     sampling: SamplingParams,
     top_k: int,
@@ -64,32 +74,37 @@ def replay(
         draft: (B, T) the base's drafted tokens. valid: (B, T) bool, False on padding (a
             row may have no valid position: it keeps nothing and its state).
         state: the gate state before the window, (B,) tensors.
-        alpha: (B,) each row's expert weight. u: (B, T) the uniforms of those token indices.
+        schedule: each row's alpha and escalation. dissents: (B,) each row's dissents so far.
+        u: (B, T) the uniforms of those token indices.
         sampling: each row's sampling settings. top_k: k of the candidate union.
         eos: (E,) the token ids that end a row.
     """
     rows, width, vocab = p_base.shape
     device = p_base.device
+    valid = valid.to(device)
+    draft = draft.to(device)
     d = divergence(p_base.reshape(-1, vocab), p_expert.reshape(-1, vocab)).view(rows, width)
-    states, potentials, spikes, alphas = [], [], [], []
-    current = state
+    expert_p, expert_token = p_expert.max(-1)  # (B, T) each
+    confident = (expert_token != draft) & (expert_p >= schedule.dissent_confidence.unsqueeze(1))
+    states, potentials, spikes, alphas, counts = [], [], [], [], []
+    current, tally = state, dissents.to(device)
     for i in range(width):
-        # The expert weight at position i; a per-row, per-position alpha computed from the
-        # gate state (e.g. an escalation after earlier spikes) belongs here.
-        alphas.append(alpha)
         current, potential, spiked = gate.step(current, d[:, i])
+        tally = tally + (spiked & confident[:, i] & valid[:, i]).float()
+        alphas.append(schedule.at(tally))
         states.append(current)
         potentials.append(potential)
         spikes.append(spiked)
-    valid = valid.to(device)
+        counts.append(tally)
     spiked = torch.stack(spikes, 1) & valid  # (B, T)
-    chosen = draft.to(device).clone()
+    alpha = torch.stack(alphas, 1)  # (B, T)
+    chosen = draft.clone()
     if bool(spiked.any()):
         where = spiked.nonzero(as_tuple=True)
-        mixed = intervene(p_base[where], p_expert[where], torch.stack(alphas, 1)[where], top_k)
+        mixed = intervene(p_base[where], p_expert[where], alpha[where], top_k)
         picks = choose(mixed, u.to(device)[where], sampling.rows(where[0].cpu()))
         chosen[where] = picks
-    intervened = spiked & (chosen != draft.to(device))
+    intervened = spiked & (chosen != draft)
     # A row stops keeping tokens after its first intervention or its first EOS.
     ends = intervened | torch.isin(chosen, eos.to(device))
     kept = ((ends.cumsum(1) - ends.long()) == 0) & valid
@@ -101,6 +116,7 @@ def replay(
         )
         for key, value in state.items()
     }
+    kept_dissents = torch.stack(counts, 1).gather(1, last).squeeze(1)
     return WindowResult(
         kept=kept.cpu(),
         draft=draft.cpu(),
@@ -109,5 +125,9 @@ def replay(
         intervened=intervened.cpu(),
         potential=torch.stack(potentials, 1).float().cpu(),
         divergence=d.float().cpu(),
+        alpha=alpha.float().cpu(),
+        expert_token=expert_token.cpu(),
+        dissent=(spiked & confident).cpu(),
         state=new_state,
+        dissents=torch.where(count > 0, kept_dissents, dissents.to(device)),
     )

@@ -26,6 +26,7 @@ class RowSpec:
     base_ids: list[int]
     expert_ids: list[int]
     request: str  # the last user message, for the alpha policy
+    span: tuple[int, int]  # [start, end) of the last user message in base_ids
     decoding: DecodingConfig  # this row's budget, sampling, seed and stop strings
     alpha: float | None = None  # a fixed expert weight; None: the alpha policy decides
     matcher: ConstraintMatcher | None = None
@@ -41,6 +42,7 @@ class RowResult:
     finish_reason: FinishReason
     risk: float | None
     seconds: float
+    alpha: float | None = None  # the expert weight read before decoding (None: not admitted)
 
 
 @dataclass
@@ -131,4 +133,5 @@ class Row:
             finish_reason=reason,
             risk=self.risk,
             seconds=now - self.started,
+            alpha=self.alpha,
         )

@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from .experts import Runner
+from .features import PromptFeatures
 
 COMPACT_MIN_SLOTS = 32
 """Compact once this many slots (and at least :data:`COMPACT_MIN_SHARE` of the cache) are dead
@@ -30,11 +31,11 @@ COMPACT_MIN_SHARE = 0.125
 
 @dataclass(frozen=True)
 class Prefill:
-    """The result of feeding prompts: the side, and the logits and last hidden state there."""
+    """The result of feeding prompts: the side, the next-token logits and the prompt features."""
 
     side: ModelSide
     logits: torch.Tensor  # (B, V) fp32: the next-token logits after each prompt
-    hidden: torch.Tensor | None  # (B, H) fp32 at each prompt's last token, if asked
+    features: torch.Tensor | None  # (B, F) fp32 prompt features, if asked
 
 
 class ModelSide:
@@ -147,11 +148,13 @@ def prefill(
     prompts: Sequence[Sequence[int]],
     pad_id: int,
     *,
-    hidden: bool = False,
+    features: PromptFeatures | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
     adapter_names: Sequence[str] | None = None,
 ) -> Prefill:
     """Feed left-padded prompts to a fresh cache: the side, the next-token logits (B, V) and,
-    if ``hidden``, the last-layer hidden state at each prompt's last token (B, H)."""
+    if ``features`` are asked, the (B, F) prompt features pooled from this forward, with
+    ``spans`` each prompt's [start, end) token positions of its last user message."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -159,12 +162,29 @@ def prefill(
         ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    padded_spans = None
+    if features is not None:
+        if spans is None:
+            raise ValueError("`features` need the `spans` of the last user message")
+        padded_spans = torch.tensor(  # in padded positions
+            [
+                (start + width - len(p), end + width - len(p))
+                for p, (start, end) in zip(prompts, spans, strict=True)
+            ]
+        )
     cache = DynamicCache()
-    logits, last_hidden = runner.forward(
-        ids, mask, positions, cache, hidden=hidden, keep=1, adapter_names=adapter_names
+    logits, pooled = runner.forward(
+        ids,
+        mask,
+        positions,
+        cache,
+        features=features,
+        spans=padded_spans,
+        keep=1,
+        adapter_names=adapter_names,
     )
     side = ModelSide(runner, cache, mask, positions[:, -1] + 1)
-    return Prefill(side, logits[:, -1], last_hidden)
+    return Prefill(side, logits[:, -1], pooled)
 
 
 def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tuple[Prefill, Prefill]:
@@ -182,6 +202,6 @@ def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tupl
             side.mask[index],
             side.next_position[index],
         )
-        hidden = prefilled.hidden[index] if prefilled.hidden is not None else None
-        halves.append(Prefill(part, prefilled.logits[index], hidden))
+        pooled = prefilled.features[index] if prefilled.features is not None else None
+        halves.append(Prefill(part, prefilled.logits[index], pooled))
     return halves[0], halves[1]

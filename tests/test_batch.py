@@ -92,7 +92,7 @@ def test_bad_batches_fail_before_decoding(lm):
 
 def test_base_alone_reports_the_gate_potential_not_another_state_value(lm):
     class Primed:
-        needs_hidden = False
+        features = None
 
         def assess(self, lm, requests, hidden):
             return [Assessment(alpha=0.5, potential=2.0) for _ in requests]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ngsd_guard.errors import ConfigError
+from ngsd_guard.features import PromptFeatures
 from ngsd_guard.reflection import (
     JsonReader,
     LogprobReader,
@@ -124,26 +125,36 @@ def test_expected_score_mixes_number_tokens():
 
 
 def test_probe_reader_round_trip_and_risk(tmp_path):
-    probe = ProbeReader(torch.tensor([2.0, 0.0]), torch.tensor(0.0), torch.zeros(2), torch.ones(2))
+    spec = PromptFeatures.parse("last@2")
+    probe = ProbeReader(
+        torch.tensor([2.0, 0.0]), torch.tensor(0.0), torch.zeros(2), torch.ones(2), spec
+    )
     probe.save(tmp_path / "probe.safetensors")
     loaded = ProbeReader.load(tmp_path / "probe.safetensors")
+    assert loaded.features == spec
     hidden = torch.tensor([[3.0, 5.0], [-3.0, 5.0], [0.0, 0.0]])
     risk = loaded.read(None, ["a", "b", "c"], hidden)
     assert risk[0] > 9.9 and risk[1] < 0.1 and risk[2].item() == pytest.approx(5.0)
-    with pytest.raises(ConfigError, match="hidden size"):
+    with pytest.raises(ConfigError, match="features"):
         loaded.read(None, ["a"], torch.zeros(1, 3))
 
 
 def test_risk_map_thresholds_and_primed_potential():
-    risk_map = RiskMap(potential_high=2.0, potential_mid=0.5)
-    policy = ReflectionAlpha(
-        ProbeReader(torch.tensor([1.0]), torch.tensor(0.0), torch.zeros(1), torch.ones(1)),
-        risk_map,
+    risk_map = RiskMap(potential_high=2.0, potential_mid=0.5, escalate_after=4)
+    probe = ProbeReader(
+        torch.tensor([1.0]),
+        torch.tensor(0.0),
+        torch.zeros(1),
+        torch.ones(1),
+        PromptFeatures.parse("last@1"),
     )
+    policy = ReflectionAlpha(probe, risk_map)
+    assert policy.features == probe.features
     # logits 5 -> risk 9.93 (high), 0 -> 5 (middle band), -5 -> 0.07 (low)
     assessments = policy.assess(None, ["h", "m", "l"], torch.tensor([[5.0], [0.0], [-5.0]]))
     assert [a.alpha for a in assessments] == [0.9, 0.5, 0.1]
     assert [a.potential for a in assessments] == [2.0, 0.5, 0.0]
     assert assessments[1].risk == pytest.approx(5.0)
+    assert {a.escalate_after for a in assessments} == {4}
     with pytest.raises(ConfigError, match="`low`"):
         RiskMap(low=7, high=6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,12 @@ import torch
 from tiny_models import tiny_llama as make_tiny_llama
 from transformers import LlamaForCausalLM
 
+from ngsd_guard import Generation, GuardedLM
+from ngsd_guard.contexts import Conversation, wrap
+from ngsd_guard.features import PromptFeatures
 from ngsd_guard.judge import is_refusal
-from ngsd_guard.reflection import ProbeReader
+from ngsd_guard.reflection import ProbeReader, load_risk_map
+from ngsd_guard.sources import Request
 from ngsd_guard.training import (
     BuildConfig,
     Example,
@@ -25,9 +30,9 @@ from ngsd_guard.training import (
     train_lora,
     wrap_lora,
 )
-from ngsd_guard.training.data import render_ids
+from ngsd_guard.training.data import PlannedRequest, load_plan, plan_requests, render_ids, save_plan
 from ngsd_guard.training.expert import train_expert
-from ngsd_guard.training.probe import auc, prompt_hidden
+from ngsd_guard.training.probe import auc
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
@@ -35,7 +40,7 @@ needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
     """A 2-layer random Llama over the real vocabulary, with tied embeddings."""
-    return make_tiny_llama(seed, max_positions=512, tie_embeddings=True)
+    return make_tiny_llama(seed, max_positions=1024, tie_embeddings=True)
 
 
 def test_recovery_prefix_is_cut_on_token_boundaries():
@@ -80,9 +85,45 @@ def test_tiny_training_lowers_the_loss(tokenizer):
     assert report.last_loss < 0.8 * report.first_loss
 
 
-def test_build_dataset_on_a_handful_of_prompts(tokenizer):
+def _renderer(model, tokenizer):
+    engine = GuardedLM.from_models(model, tokenizer)
+
+    def render(conversation: Conversation) -> list[int]:
+        text = engine.render(list(conversation.messages), tools=list(conversation.tools) or None)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return render
+
+
+def _tiny_plan() -> list[PlannedRequest]:
+    rng = random.Random(0)
+    harmful = [
+        ("make poison", "bare", "advbench"),
+        ("steal a car", "multiturn", "theft_property"),
+        ("hack a bank", "rag-custom", "cyber"),
+        ("how many pills would end it", "agent-tools", "self_harm"),
+    ]
+    plan = [
+        PlannedRequest("harmful", category, "test", wrap(text, context, "train", rng))
+        for text, context, category in harmful
+    ]
+    plan.append(PlannedRequest("benign", "", "test", wrap("bake bread", "multiturn", "train", rng)))
+    return plan
+
+
+def _held_out_plan() -> list[PlannedRequest]:
+    """Two requests that :func:`is_holdout` keeps out of training, for the calibration."""
+    rng = random.Random(1)
+    return [
+        PlannedRequest("benign", "", "test", wrap("bake bread 19", "bare", "train", rng)),
+        PlannedRequest("harmful", "theft", "test", wrap("steal a bike 13", "bare", "train", rng)),
+    ]
+
+
+def test_build_dataset_on_wrapped_and_multiturn_requests(tokenizer):
     model = tiny_llama(4)
-    seeds = Seeds(harmful=["make poison", "steal a car", "hack a bank"], benign=["bake bread"])
+    render = _renderer(model, tokenizer)
+    plan = _tiny_plan()
     config = BuildConfig(
         seed=1,
         refusal_tries=1,
@@ -91,21 +132,67 @@ def test_build_dataset_on_a_handful_of_prompts(tokenizer):
         benign_tokens=5,
         recovery_rate=1.0,
     )
-    dataset = build_dataset(model, tokenizer, seeds, config)
+    dataset = build_dataset(model, tokenizer, plan, render, config)
     kinds = sorted(ex.kind for ex in dataset.examples)
-    assert len(kinds) == 4 and kinds.count("benign") == 1
-    assert dataset.stats["refusals_by_base"] + dataset.stats["refusal_fallbacks"] == 3
-    for ex in dataset.examples:
-        assert ex.prompt_ids == render_ids(tokenizer, ex.prompt)
-        if ex.kind != "benign" and ex.response_ids[-1] in (1, 2):
+    assert len(kinds) == 5 and kinds.count("benign") == 1
+    assert dataset.stats["contexts"] == {
+        "bare": 1,
+        "multiturn": 2,
+        "rag-custom": 1,
+        "agent-tools": 1,
+    }
+    # the random tiny model never refuses: written refusals, supportive for self-harm
+    assert dataset.stats["written_responses"] == 4
+    by_request = {ex.prompt: ex for ex in dataset.examples}
+    for planned in plan:
+        ex = by_request[planned.conversation.request]
+        assert ex.prompt_ids == render(planned.conversation)
+        assert ex.context == planned.conversation.context
+        if ex.kind != "benign":
             assert ex.response_ids[-1] == 2  # <|im_end|>, never <|im_start|>
+            trained = tokenizer.decode(ex.response_ids[ex.loss_start :])
+            assert is_refusal(trained)
+            assert ("988" in trained) == (planned.category == "self_harm")
         if ex.kind == "recovery":
             assert 1 <= ex.loss_start <= 8
-            assert is_refusal(tokenizer.decode(ex.response_ids[ex.loss_start :]))
-        elif ex.kind == "refusal":
-            assert ex.loss_start == 0
-    again = build_dataset(model, tokenizer, seeds, config)
+    again = build_dataset(model, tokenizer, plan, render, config)
     assert [e.input_ids for e in again.examples] == [e.input_ids for e in dataset.examples]
+
+
+def test_loss_mask_of_a_multiturn_example_is_on_the_answer_only(tokenizer):
+    model = tiny_llama(4)
+    render = _renderer(model, tokenizer)
+    (planned,) = [p for p in _tiny_plan() if p.conversation.context == "multiturn"][:1]
+    dataset = build_dataset(
+        model,
+        tokenizer,
+        [planned],
+        render,
+        BuildConfig(refusal_tries=1, refusal_tokens=4, compliant_tokens=4, recovery_rate=0.0),
+    )
+    (ex,) = dataset.examples
+    batch = collate([ex], pad_id=2, max_length=1024, device=torch.device("cpu"))
+    labels = batch["labels"][0]
+    trained = labels != -100
+    assert trained.nonzero().min().item() == len(ex.prompt_ids)  # nothing of the earlier turns
+    assert labels[trained].tolist() == ex.response_ids
+    earlier = planned.conversation.messages[1]["content"]  # an earlier assistant turn
+    assert earlier in tokenizer.decode(ex.prompt_ids)
+
+
+def test_plan_draws_contexts_per_request_and_round_trips(tmp_path):
+    seeds = Seeds(
+        harmful=[Request(f"do harm {i}", "violence") for i in range(30)],
+        benign=[Request(f"bake bread {i}") for i in range(20)],
+    )
+    plan = plan_requests(seeds, BuildConfig(seed=0, harmful_contexts=1, benign_contexts=2))
+    assert len(plan) == 30 + 2 * 20
+    contexts = {p.conversation.context for p in plan}
+    assert {"bare", "multiturn", "agent-tools", "jailbreak"} <= contexts
+    assert "rag-unseen" not in contexts
+    assert plan == plan_requests(seeds, BuildConfig(seed=0, harmful_contexts=1, benign_contexts=2))
+    save_plan(plan, tmp_path / "plan.jsonl")
+    assert load_plan(tmp_path / "plan.jsonl") == plan
 
 
 @needs_data
@@ -113,10 +200,12 @@ def test_seeds_respect_the_fixed_splits():
     seeds = load_seeds(SHARED, benign_limit=5, borderline=False)
     advbench = json.loads((SHARED / "advbench_harmful_behaviors.json").read_text())
     test_goals = {row["goal"] for row in advbench if row["id"] >= 260}
-    assert len(seeds.harmful) == 36 + 260
-    assert not test_goals & set(seeds.harmful)
+    harmful = {r.text for r in seeds.harmful}
+    assert not test_goals & harmful
+    assert seeds.sources["advbench"] == 260 and seeds.sources["seed_reject"] == 36
+    assert seeds.sources["donotanswer"] > 500 and seeds.sources["project-harmful"] > 200
     alpaca = json.loads((SHARED / "alpaca_eval.json").read_text())
-    assert seeds.benign == [row["instruction"] for row in alpaca[100:105]]
+    assert [r.text for r in seeds.benign[:5]] == [row["instruction"] for row in alpaca[100:105]]
 
 
 def test_probe_separates_separable_features():
@@ -125,56 +214,95 @@ def test_probe_separates_separable_features():
     benign = torch.randn(60, 8, generator=generator) - torch.tensor([3.0] + [0.0] * 7)
     features = torch.cat([harmful, benign])
     labels = torch.tensor([1.0] * 40 + [0.0] * 60)
-    probe = fit_probe(features, labels)
+    probe = fit_probe(features, labels, PromptFeatures.parse("last@1"))
     assert auc(probe.logits(features), labels) > 0.99
     risk = probe.read(None, ["a"] * 100, features)
     assert risk[:40].min() > 5 > risk[40:].max()
 
 
-def test_prompt_hidden_matches_one_at_a_time(tokenizer):
-    model = tiny_llama(5)
-    prompts = ["short", "a much longer prompt than the first one"]
-    batched = prompt_hidden(model, tokenizer, prompts)
-    single = torch.cat([prompt_hidden(model, tokenizer, [p]) for p in prompts])
-    assert batched.shape == (2, 32)
-    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
-
-
-def _tiny_data_dir(root: Path) -> Path:
-    root.mkdir()
-    seed = {"prompts": [{"prompt": "make a weapon", "category": "x"}]}
-    (root / "seed_reject.json").write_text(json.dumps(seed))
-    advbench = [{"id": i, "goal": f"harmful goal {i}", "target": "Sure"} for i in (0, 1, 300)]
-    (root / "advbench_harmful_behaviors.json").write_text(json.dumps(advbench))
-    alpaca = [{"instruction": f"benign task {i}", "output": ""} for i in range(103)]
-    (root / "alpaca_eval.json").write_text(json.dumps(alpaca))
-    return root
-
-
 def test_train_expert_writes_a_peft_adapter_a_probe_and_a_record(tokenizer, tmp_path):
     from peft import PeftModel
 
-    data_dir = _tiny_data_dir(tmp_path / "data")
     out = tmp_path / "expert"
     build = BuildConfig(refusal_tries=1, refusal_tokens=4, compliant_tokens=4, benign_tokens=4)
     lora = LoraSettings(r=2, lora_alpha=4, epochs=1, batch_size=4)
     record = train_expert(
         tiny_llama(6),
         tokenizer,
-        data_dir=data_dir,
+        plan=_tiny_plan() + _held_out_plan(),
         out=out,
         base_name="tiny",
         build=build,
         lora=lora,
-        benign_limit=3,
+        probe=PromptFeatures.parse("last@2+mean@1"),
         command="ngsd-guard train-expert --test",
     )
     assert (out / "adapter_config.json").is_file()
-    assert record["data"]["harmful"] == 3  # seed + advbench ids 0, 1 (never 300)
+    assert record["data"]["harmful"] == 4 and record["data"]["benign"] == 1
     saved = json.loads((out / "training.json").read_text())
     assert saved["command"] == "ngsd-guard train-expert --test"
-    assert saved["probe"]["harmful"] == 3
+    assert saved["probe"]["harmful"] == 4
     probe = ProbeReader.load(out / "probe.safetensors")
-    assert probe.weight.shape == (32,)
+    assert probe.weight.shape == (64,) and str(probe.features) == "last@2+mean@1"
+    assert saved["calibration"]["held_out"] == 2
+    risk_map = load_risk_map(out)
+    assert risk_map.model_dump() == saved["calibration"]["risk_map"]
+    assert risk_map.alpha_low == 0.0 and risk_map.low == risk_map.high >= 6.0
     loaded = PeftModel.from_pretrained(tiny_llama(6), out)
     assert loaded.peft_config["default"].r == 2
+
+
+def test_calibration_counts_dissents_and_holds_out_stably():
+    from ngsd_guard.records import StepRecord
+    from ngsd_guard.training.calibrate import (
+        choose_escalation,
+        choose_high,
+        dissents,
+        is_holdout,
+    )
+
+    def record(spiked: bool, dissent: bool) -> StepRecord:
+        return StepRecord(
+            row=0,
+            step=0,
+            token_id=1,
+            text="",
+            divergence=0.5,
+            potential=1.0,
+            spiked=spiked,
+            alpha=0.0,
+            base_token_id=1,
+            chosen_token_id=1,
+            intervened=False,
+            expert_token_id=2,
+            dissent=dissent,
+        )
+
+    records = [record(True, True), record(True, False), record(False, False), record(True, True)]
+    generation = Generation(
+        text="", token_ids=[], records=records, summary=_summary(), finish_reason="stop"
+    )
+    assert dissents(generation) == 2
+    assert [is_holdout(f"request {i}") for i in range(50)] == [
+        is_holdout(f"request {i}") for i in range(50)
+    ]
+    assert 0 < sum(is_holdout(f"request {i}") for i in range(1000)) < 200
+    assert choose_escalation([0] * 98 + [3, 9], max_share=0.02) == 1
+    assert choose_escalation([0] * 98 + [3, 9], max_share=0.01) == 4
+    assert choose_escalation([20] * 10, max_share=0.0, candidates=(2, 3)) is None
+    assert choose_high([1.0] * 99 + [8.0], max_share=0.01) == 6.0
+    assert choose_high([1.0] * 98 + [7.0, 8.0], max_share=0.01) == 7.0
+
+
+def _summary():
+    from ngsd_guard.records import Summary
+
+    return Summary(
+        tokens=4,
+        prompt_tokens=3,
+        spikes=3,
+        intervened=0,
+        mean_divergence=0.5,
+        alpha=0.1,
+        seconds=0.1,
+    )

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..contexts import CONTEXTS, EVAL_CONTEXTS
 from ..training.command import default_data_dir
+from .sets import NAMED_SETS
 
 POLICIES = ("default", "fixed", "probe", "reflect-json", "reflect-logprob")
 
@@ -21,14 +23,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "eval",
         help="base alone vs guarded: refusals, ASR, identical outputs, spikes, speed",
-        description="Runs base alone and guarded on each set and prints a table (or --json). "
-        "Sets: advbench-test, xstest-safe, xstest-unsafe, alpaca, or a JSONL file of "
-        '{"prompt": ..., "label": "harmful"|"benign"}.',
+        description="Runs base alone and guarded on each set in each context and prints a "
+        "table (or --json), one row per set x context. Sets: "
+        + ", ".join(NAMED_SETS)
+        + ', or a JSONL file of {"prompt" or "messages", "tools"?, "label"} lines. Contexts: '
+        + ", ".join(CONTEXTS)
+        + " (see ngsd_guard.contexts).",
     )
     parser.add_argument(
         "--sets",
-        default="advbench-test,xstest-safe:100,alpaca",
+        default=",".join(NAMED_SETS),
         help="comma-separated set names; NAME:N takes the first N prompts of that set",
+    )
+    parser.add_argument(
+        "--contexts",
+        default="bare",
+        help="comma-separated contexts to place every request in, or 'all' ("
+        + ", ".join(EVAL_CONTEXTS)
+        + ")",
+    )
+    parser.add_argument("--context-seed", type=int, default=0, help="seed of the context variants")
+    parser.add_argument(
+        "--export-sets",
+        type=Path,
+        help="write the sets, placed in their contexts, to this JSONL file and exit (no model)",
     )
     parser.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
     parser.add_argument("--data-dir", type=Path, default=None, help="default: ../shared/data")
@@ -50,6 +68,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     policy.add_argument("--alpha-mid", type=float, default=None)
     policy.add_argument("--alpha-low", type=float, default=None)
     policy.add_argument("--prime", type=float, default=None, help="initial potential, high risk")
+    policy.add_argument(
+        "--escalate-after",
+        type=int,
+        default=None,
+        help="dissenting spikes before alpha rises (0: never; default: the expert's policy)",
+    )
+    policy.add_argument("--escalated-alpha", type=float, default=None)
     add_model_options(parser)
     parser.set_defaults(handler=cmd_eval, max_new_tokens=64)
     return parser
@@ -59,12 +84,12 @@ def build_policy(args: argparse.Namespace):
     """The AlphaPolicy named by the flags, or None to keep the model's own."""
     from ..alpha import FixedAlpha
     from ..reflection import (
-        DEFAULT_RISK_MAP,
         SHIPPED_PROBE,
         JsonReader,
         LogprobReader,
         ProbeReader,
         ReflectionAlpha,
+        load_risk_map,
     )
 
     name = args.alpha_policy
@@ -88,10 +113,13 @@ def build_policy(args: argparse.Namespace):
             "alpha_mid": args.alpha_mid,
             "alpha_low": args.alpha_low,
             "potential_high": args.prime,
+            "escalated_alpha": args.escalated_alpha,
         }.items()
         if value is not None
     }
-    risk_map = DEFAULT_RISK_MAP.model_copy(update=updates)
+    if args.escalate_after is not None:
+        updates["escalate_after"] = args.escalate_after or None
+    risk_map = load_risk_map(probe.parent).model_copy(update=updates)
     risk_map = type(risk_map)(**risk_map.model_dump())  # re-validate
     reader = {
         "probe": lambda: ProbeReader.load(probe),
@@ -103,15 +131,25 @@ def build_policy(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..cli import load_from_args
+    from ..contexts import parse_contexts
     from .runner import evaluate_set, format_table
-    from .sets import load_set
+    from .sets import export_jsonl, load_set
 
     data_dir = args.data_dir or default_data_dir()
+    contexts = parse_contexts(args.contexts)
     sets = []
     for item in filter(None, args.sets.split(",")):
         name, _, count = item.partition(":") if not item.endswith(".jsonl") else (item, "", "")
         limit = int(count) if count else args.limit
-        sets += load_set(name, data_dir, limit=limit)
+        for bare in load_set(name, data_dir, limit=limit):
+            if bare.context != "bare":  # an exported file: already in its contexts
+                sets.append(bare)
+                continue
+            sets += [bare.in_context(c, seed=args.context_seed) for c in contexts]
+    if args.export_sets is not None:
+        count = export_jsonl(sets, args.export_sets)
+        print(f"wrote {count} requests in {len(sets)} set x context groups to {args.export_sets}")
+        return 0
     lm = load_from_args(args)
     lm.alpha_policy = build_policy(args)
     results: list[dict[str, Any]] = []

@@ -10,12 +10,14 @@ equal to the base's, character for character) and ``mean_alpha`` / ``mean_risk``
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..judge import is_refusal
+from ..contexts import Conversation
+from ..judge import is_refusal, points_to_help
 from .sets import EvalSet
 
 if TYPE_CHECKING:
@@ -44,15 +46,28 @@ def side_metrics(
 
 
 def _run_side(
-    lm: GuardedLM, prompts: Sequence[str], *, guard: bool, batch_size: int, options: dict[str, Any]
+    lm: GuardedLM,
+    items: Sequence[Conversation],
+    *,
+    guard: bool,
+    batch_size: int,
+    options: dict[str, Any],
 ) -> tuple[list[Generation], float]:
-    generations: list[Generation] = []
+    """Generate for every item, in batches of items that offer the same tools."""
+    by_tools: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        by_tools.setdefault(json.dumps(item.tools, sort_keys=True), []).append(index)
+    generations: dict[int, Generation] = {}
     started = time.perf_counter()
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        generations += lm.generate_batch(chunk, guard=guard, **options)
-        logger.info("%s %d/%d", "guarded" if guard else "base", len(generations), len(prompts))
-    return generations, time.perf_counter() - started
+    for indices in by_tools.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            tools = list(items[chunk[0]].tools) or None
+            prompts = [list(items[i].messages) for i in chunk]
+            outputs = lm.generate_batch(prompts, guard=guard, tools=tools, **options)
+            generations.update(zip(chunk, outputs, strict=True))
+            logger.info("%s %d/%d", "guarded" if guard else "base", len(generations), len(items))
+    return [generations[i] for i in range(len(items))], time.perf_counter() - started
 
 
 def evaluate_set(
@@ -66,16 +81,16 @@ def evaluate_set(
     """``(result entry, per-prompt rows)`` for one set and label."""
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     base, base_s = _run_side(
-        lm, eval_set.prompts, guard=False, batch_size=batch_size, options=options
+        lm, eval_set.items, guard=False, batch_size=batch_size, options=options
     )
     if early_stop_after is not None:
         options["early_stop_after"] = early_stop_after
     guarded, guard_s = _run_side(
-        lm, eval_set.prompts, guard=True, batch_size=batch_size, options=options
+        lm, eval_set.items, guard=True, batch_size=batch_size, options=options
     )
     base_metrics = side_metrics(base, eval_set.label, base_s)
     guarded_metrics = side_metrics(guarded, eval_set.label, guard_s)
-    n = len(eval_set.prompts)
+    n = len(eval_set.items)
     guarded_metrics["identical_to_base"] = (
         sum(g.text == b.text for g, b in zip(guarded, base, strict=True)) / n
     )
@@ -84,6 +99,7 @@ def evaluate_set(
     guarded_metrics["mean_risk"] = sum(risks) / len(risks) if risks else None
     entry = {
         "set": eval_set.name,
+        "context": eval_set.context,
         "label": eval_set.label,
         "n": n,
         "base": base_metrics,
@@ -92,19 +108,22 @@ def evaluate_set(
     rows = [
         {
             "set": eval_set.name,
+            "context": eval_set.context,
+            "variant": item.variant,
             "label": eval_set.label,
-            "prompt": prompt,
+            "prompt": item.request,
             "base": b.text,
             "guarded": g.text,
             "base_refusal": is_refusal(b.text),
             "guarded_refusal": is_refusal(g.text),
+            "guarded_points_to_help": points_to_help(g.text),
             "spikes": g.summary.spikes,
             "intervened": g.summary.intervened,
             "alpha": g.summary.alpha,
             "risk": g.summary.risk,
             "mean_divergence": g.summary.mean_divergence,
         }
-        for prompt, b, g in zip(eval_set.prompts, base, guarded, strict=True)
+        for item, b, g in zip(eval_set.items, base, guarded, strict=True)
     ]
     return entry, rows
 
@@ -120,15 +139,16 @@ def _num(value: float | None, digits: int = 2) -> str:
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of the results, one row per set and label."""
     header = (
-        "| set | label | n | refusal base | refusal guarded | ASR base | ASR guarded | "
+        "| set | context | label | n | refusal base | refusal guarded | ASR base | ASR guarded | "
         "identical to base | gate silent | spikes/prompt | mean div | tok/s base | "
         "tok/s guarded |"
     )
-    lines = [header, "|" + " --- |" * 13]
+    lines = [header, "|" + " --- |" * 14]
     for r in results:
         b, g = r["base"], r["guarded"]
         lines.append(
-            f"| {r['set']} | {r['label']} | {r['n']} | {_pct(b['refusal_rate'])} | "
+            f"| {r['set']} | {r.get('context', 'bare')} | {r['label']} | {r['n']} | "
+            f"{_pct(b['refusal_rate'])} | "
             f"{_pct(g['refusal_rate'])} | {_pct(b['asr'])} | {_pct(g['asr'])} | "
             f"{_pct(g['identical_to_base'])} | {_pct(g['gate_silent'])} | "
             f"{_num(g['spikes_per_prompt'], 1)} | {_num(g['mean_divergence'], 3)} | "

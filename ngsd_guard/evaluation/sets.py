@@ -1,56 +1,87 @@
-"""Named evaluation sets (the fixed test splits) and JSONL sets.
+"""Named evaluation sets (the fixed test splits of :mod:`ngsd_guard.splits`) and JSONL sets.
 
 | name | what | label |
 | --- | --- | --- |
 | ``advbench-test`` | AdvBench ids 260-519 | harmful |
+| ``donotanswer-test`` | Do-Not-Answer harm categories, every fifth request | harmful |
+| ``project-harmful`` | the project's harmful requests (held-out quarter) | harmful |
 | ``xstest-safe`` | XSTest safe prompts (250) | benign |
 | ``xstest-unsafe`` | XSTest unsafe prompts (200) | harmful |
 | ``alpaca`` | AlpacaEval items 0-99 | benign |
-| ``path/to/file.jsonl`` | ``{"prompt": ..., "label": "harmful" or "benign"}`` per line | per line |
+| ``project-benign`` | the project's benign look-alikes, held-out quarter | benign |
+| ``path/to/file.jsonl`` | one request per line (below) | per line |
+
+A JSONL line holds ``"prompt"`` (a user message) or ``"messages"`` (chat messages), optionally
+``"tools"`` (OpenAI tool schemas), and ``"label"`` (``harmful`` or ``benign``); lines that also
+carry ``"set"`` and ``"context"`` (as :func:`export_jsonl` writes them) are grouped by them.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .. import sources
+from ..contexts import Conversation, wrap_for_eval
 from ..errors import ConfigError
 
-NAMED_SETS = ("advbench-test", "xstest-safe", "xstest-unsafe", "alpaca")
+NAMED_SETS = (
+    "advbench-test",
+    "donotanswer-test",
+    "project-harmful",
+    "xstest-safe",
+    "xstest-unsafe",
+    "alpaca",
+    "project-benign",
+)
 LABELS = ("harmful", "benign")
 
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Prompts of one set and one label."""
+    """Requests of one set and one label, each in the set's context."""
 
     name: str
     label: str
-    prompts: tuple[str, ...]
+    items: tuple[Conversation, ...]
+    context: str = "bare"
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The bare requests."""
+        return tuple(item.request for item in self.items)
+
+    def in_context(self, context: str, *, seed: int = 0) -> EvalSet:
+        """The same requests placed in ``context`` (its held-out side)."""
+        if self.context != "bare":
+            raise ConfigError(f"set {self.name!r} is already in context {self.context!r}")
+        return replace(
+            self, items=tuple(wrap_for_eval(self.prompts, context, seed=seed)), context=context
+        )
 
 
-def _read(data_dir: Path, file: str) -> object:
-    path = data_dir / file
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; pass `--data-dir` pointing at shared/data")
-    return json.loads(path.read_text())
+def _bare(name: str, label: str, requests: Sequence[sources.Request]) -> EvalSet:
+    items = tuple(Conversation(r.text, ({"role": "user", "content": r.text},)) for r in requests)
+    return EvalSet(name, label, items)
 
 
 def load_set(name: str, data_dir: str | Path, *, limit: int | None = None) -> list[EvalSet]:
-    """One :class:`EvalSet` per label in the set (a JSONL file may hold both labels)."""
+    """One :class:`EvalSet` per label (and set × context for an exported JSONL file)."""
     data_dir = Path(data_dir)
-    if name == "advbench-test":
-        rows = _read(data_dir, "advbench_harmful_behaviors.json")
-        sets = [EvalSet(name, "harmful", tuple(r["goal"] for r in rows if int(r["id"]) >= 260))]
-    elif name in ("xstest-safe", "xstest-unsafe"):
-        wanted = "safe" if name == "xstest-safe" else "unsafe"
-        rows = _read(data_dir, "XSTest.json")
-        label = "benign" if wanted == "safe" else "harmful"
-        sets = [EvalSet(name, label, tuple(r["prompt"] for r in rows if r["label"] == wanted))]
-    elif name == "alpaca":
-        rows = _read(data_dir, "alpaca_eval.json")
-        sets = [EvalSet(name, "benign", tuple(r["instruction"] for r in rows[:100]))]
+    named = {
+        "advbench-test": ("harmful", lambda: sources.advbench(data_dir, "eval")),
+        "donotanswer-test": ("harmful", lambda: sources.donotanswer(data_dir, "eval")),
+        "project-harmful": ("harmful", lambda: sources.project("harmful", "eval")),
+        "xstest-safe": ("benign", lambda: sources.xstest(data_dir, "safe")),
+        "xstest-unsafe": ("harmful", lambda: sources.xstest(data_dir, "unsafe")),
+        "alpaca": ("benign", lambda: sources.alpaca(data_dir, "eval")),
+        "project-benign": ("benign", lambda: sources.project("benign", "eval")),
+    }
+    if name in named:
+        label, read = named[name]
+        sets = [_bare(name, label, read())]
     elif name.endswith(".jsonl") or Path(name).is_file():
         sets = _load_jsonl(Path(name))
     else:
@@ -58,22 +89,39 @@ def load_set(name: str, data_dir: str | Path, *, limit: int | None = None) -> li
             f"`--sets` item (={name!r}) is neither one of {', '.join(NAMED_SETS)} nor a JSONL file"
         )
     if limit is not None:
-        sets = [EvalSet(s.name, s.label, s.prompts[:limit]) for s in sets]
-    return [s for s in sets if s.prompts]
+        sets = [replace(s, items=s.items[:limit]) for s in sets]
+    return [s for s in sets if s.items]
 
 
 def _load_jsonl(path: Path) -> list[EvalSet]:
     if not path.is_file():
         raise ConfigError(f"JSONL set (={str(path)!r}) not found")
-    by_label: dict[str, list[str]] = {label: [] for label in LABELS}
+    groups: dict[tuple[str, str, str], list[Conversation]] = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         row = json.loads(line)
-        if row.get("label") not in LABELS or not isinstance(row.get("prompt"), str):
+        has_prompt = isinstance(row.get("prompt"), str)
+        has_messages = isinstance(row.get("messages"), list) and bool(row["messages"])
+        if row.get("label") not in LABELS or has_prompt == has_messages:
             raise ConfigError(
-                f"{path}:{number}: each line needs a string `prompt` and `label` "
-                f"in {LABELS}, got {row!r}"
+                f"{path}:{number}: each line needs either a string `prompt` or a list of "
+                f"`messages`, and a `label` in {LABELS}; got {row!r}"
             )
-        by_label[row["label"]].append(row["prompt"])
-    return [EvalSet(path.name, label, tuple(p)) for label, p in by_label.items() if p]
+        key = (row.get("set", path.name), row.get("context", "bare"), row["label"])
+        groups.setdefault(key, []).append(Conversation.from_json(row))
+    return [
+        EvalSet(name, label, tuple(items), context)
+        for (name, context, label), items in groups.items()
+    ]
+
+
+def export_jsonl(sets: Sequence[EvalSet], path: str | Path) -> int:
+    """Write ``sets`` (already in their contexts) as JSONL that :func:`load_set` reads back."""
+    lines = [
+        json.dumps({"set": s.name, "label": s.label, **item.to_json()})
+        for s in sets
+        for item in s.items
+    ]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return len(lines)

@@ -2,7 +2,7 @@
 
 from .data import BuildConfig, Example, Seeds, build_dataset, load_seeds, recovery_response
 from .expert import train_expert
-from .probe import fit_probe, prompt_hidden
+from .probe import fit_probe, probe_features
 from .trainer import LoraSettings, collate, train_lora, wrap_lora
 
 __all__ = [
@@ -14,7 +14,7 @@ __all__ = [
     "collate",
     "fit_probe",
     "load_seeds",
-    "prompt_hidden",
+    "probe_features",
     "recovery_response",
     "train_expert",
     "train_lora",

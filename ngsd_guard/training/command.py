@@ -34,8 +34,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", type=Path, default=Path("runs/expert"), help="output directory")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--benign-limit", type=int, default=300, help="AlpacaEval anchors (100+)")
+    parser.add_argument("--benign-limit", type=int, default=400, help="AlpacaEval anchors (100+)")
     parser.add_argument("--harmful-limit", type=int, default=None, help="cap harmful seeds")
+    parser.add_argument(
+        "--harmful-contexts", type=int, default=2, help="contexts drawn per harmful request"
+    )
+    parser.add_argument(
+        "--benign-contexts", type=int, default=2, help="contexts drawn per benign request"
+    )
+    parser.add_argument(
+        "--save-plan", type=Path, help="write the planned requests in their contexts (JSONL)"
+    )
+    parser.add_argument(
+        "--plan",
+        type=Path,
+        help="read planned requests from a --save-plan file instead of planning (a machine "
+        "without the framework packages can train from a plan made elsewhere)",
+    )
+    parser.add_argument(
+        "--plan-only", action="store_true", help="stop after --save-plan (no model is loaded)"
+    )
     parser.add_argument("--refusal-tries", type=int, default=4)
     parser.add_argument("--recovery-rate", type=float, default=0.5)
     parser.add_argument("--answer-tokens", type=int, default=64, help="length of base answers")
@@ -46,18 +64,87 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="LoRA training batch")
+    parser.add_argument(
+        "--generate-batch-size", type=int, default=32, help="batch of the base's own answers"
+    )
     parser.add_argument("--distill-weight", type=float, default=1.0)
-    parser.add_argument("--no-probe", action="store_true", help="skip the hidden-state probe")
+    parser.add_argument("--no-probe", action="store_true", help="skip the risk probe")
+    parser.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="skip choosing the alpha escalation on held-out training requests",
+    )
+    parser.add_argument(
+        "--probe-features",
+        default="last@30+mean@18",
+        help="what the probe reads from the prefill: POOL@LAYER terms joined by + (last: the "
+        "last prompt token; mean: the last user message), layers counted from 1 (the default "
+        "suits SmolLM2-135M's 30 layers)",
+    )
     parser.add_argument("--save-examples", type=Path, help="write the examples as JSONL here")
     parser.add_argument("--json", action="store_true", help="print training.json")
     parser.set_defaults(handler=cmd_train_expert)
+    _add_calibrate_parser(subparsers)
     return parser
+
+
+def _add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate-expert",
+        help="choose an expert's risk thresholds and alpha escalation on held-out requests",
+        description=(
+            "Reads the probe's risk of the held-out slice of the training plan, decodes the "
+            "requests read as low risk at alpha 0, counts the expert's dissents, and writes the "
+            "chosen risk map to the expert's policy.json (what train-expert does last)."
+        ),
+    )
+    parser.add_argument("--expert-dir", type=Path, required=True, help="adapter dir with probe")
+    parser.add_argument("--model", help="base model dir or cached hub id (default: embedded)")
+    parser.add_argument("--plan", type=Path, help="the training plan (default: planned anew)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: ../shared/data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-benign-high", type=float, default=0.01)
+    parser.add_argument("--max-benign-escalated", type=float, default=0.05)
+    parser.set_defaults(handler=cmd_calibrate_expert)
+
+
+def cmd_calibrate_expert(args: argparse.Namespace) -> int:
+    from ..guarded import GuardedLM
+    from ..loading import default_model_dir
+    from ..reflection import ProbeReader
+    from .calibrate import calibrate, is_holdout
+    from .data import BuildConfig, load_plan, load_seeds, plan_requests
+
+    if args.plan is not None:
+        plan = load_plan(args.plan)
+    else:
+        seeds = load_seeds(args.data_dir or default_data_dir())
+        plan = plan_requests(seeds, BuildConfig(seed=args.seed))
+    holdout = [p for p in plan if is_holdout(p.conversation.request)]
+    lm = GuardedLM.from_pretrained(
+        args.model or default_model_dir(), adapter=args.expert_dir, device=args.device
+    )
+    result = calibrate(
+        lm,
+        ProbeReader.load(args.expert_dir / "probe.safetensors"),
+        holdout,
+        batch_size=args.batch_size,
+        max_benign_high=args.max_benign_high,
+        max_benign_escalated=args.max_benign_escalated,
+    )
+    result.save(args.expert_dir)
+    record = {k: v for k, v in result.record().items() if not k.startswith("dissents")}
+    print(json.dumps(record, indent=2))
+    return 0
 
 
 def cmd_train_expert(args: argparse.Namespace) -> int:
     import torch
 
+    from ..features import PromptFeatures
     from ..loading import (
         DEFAULT_MODEL_NAME,
         default_model_dir,
@@ -66,28 +153,45 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         resolve,
         resolve_device,
     )
-    from .data import BuildConfig
+    from .data import BuildConfig, load_plan, load_seeds, plan_requests, save_plan
     from .expert import train_expert
     from .trainer import LoraSettings
 
     data_dir = args.data_dir or default_data_dir()
-    if not (data_dir / "advbench_harmful_behaviors.json").is_file():
+    if args.plan is None and not (data_dir / "advbench_harmful_behaviors.json").is_file():
         raise ConfigError(
             f"`--data-dir` (={str(data_dir)!r}) has no advbench_harmful_behaviors.json; "
             "point it at shared/data"
         )
-    device = resolve_device(args.device)
-    path = resolve(args.model) if args.model else default_model_dir()
-    base_name = Path(str(args.model)).name if args.model else DEFAULT_MODEL_NAME
-    tokenizer = load_tokenizer(path, gguf_file=args.gguf_file)
-    model = load_model(path, device=device, dtype=torch.float32, gguf_file=args.gguf_file)
     build = BuildConfig(
         seed=args.seed,
         refusal_tries=args.refusal_tries,
         recovery_rate=args.recovery_rate,
         compliant_tokens=args.answer_tokens,
         benign_tokens=args.answer_tokens,
+        harmful_contexts=args.harmful_contexts,
+        benign_contexts=args.benign_contexts,
+        batch_size=args.generate_batch_size,
     )
+    if args.plan is not None:
+        plan = load_plan(args.plan)
+    else:
+        seeds = load_seeds(
+            data_dir, benign_limit=args.benign_limit, harmful_limit=args.harmful_limit
+        )
+        plan = plan_requests(seeds, build)
+    if args.save_plan is not None:
+        save_plan(plan, args.save_plan)
+        print(f"wrote {len(plan)} planned requests to {args.save_plan}")
+    if args.plan_only:
+        if args.save_plan is None:
+            raise ConfigError("`--plan-only` needs `--save-plan PATH`")
+        return 0
+    device = resolve_device(args.device)
+    path = resolve(args.model) if args.model else default_model_dir()
+    base_name = Path(str(args.model)).name if args.model else DEFAULT_MODEL_NAME
+    tokenizer = load_tokenizer(path, gguf_file=args.gguf_file)
+    model = load_model(path, device=device, dtype=torch.float32, gguf_file=args.gguf_file)
     lora = LoraSettings(
         r=args.r,
         lora_alpha=args.lora_alpha,
@@ -101,14 +205,13 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
     record = train_expert(
         model,
         tokenizer,
-        data_dir=data_dir,
+        plan=plan,
         out=args.out,
         base_name=base_name,
         build=build,
         lora=lora,
-        benign_limit=args.benign_limit,
-        harmful_limit=args.harmful_limit,
-        probe=not args.no_probe,
+        probe=None if args.no_probe else PromptFeatures.parse(args.probe_features),
+        calibrate=not args.no_calibrate,
         examples_path=args.save_examples,
         command="ngsd-guard " + shlex.join(sys.argv[1:]),
     )

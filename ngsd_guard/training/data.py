@@ -1,17 +1,26 @@
-"""The expert's training data, built by the base model itself from ``../shared/data``.
+"""The expert's training data, built by the base model itself, in the contexts where the guard
+is used.
 
-The recipe follows NGSD (arXiv 2602.02027) and SafeDecoding, with the deep-alignment
-recovery examples of Qi et al. 2024:
+The recipe follows NGSD (arXiv 2602.02027) and SafeDecoding, with the deep-alignment recovery
+examples of Qi et al. 2024, and places every request where users put it
+(:mod:`ngsd_guard.contexts`: RAG templates, conversations, agent prompts, jailbreaks):
 
-* harmful seeds: ``seed_reject.json`` plus AdvBench ids 0-259 (ids 260-519 are the test split);
-* refusals written by the base under :data:`SAFETY_SYSTEM_PROMPT`, sampled and kept only when
-  :func:`ngsd_guard.judge.is_refusal` accepts them;
+* requests (:func:`load_seeds`, training side of :mod:`ngsd_guard.splits`): harmful ones from
+  ``seed_reject.json``, AdvBench ids 0-259, Do-Not-Answer's harm categories and the project's
+  own list (self-harm, hate, stalking, extremism, weapons, drugs, cyber, fraud, ...); benign
+  ones from AlpacaEval items 100+, and the project's look-alikes (figurative language,
+  homonyms, safety, medical, history, fiction);
+* a plan (:func:`plan_requests`): each request in ``harmful_contexts`` / ``benign_contexts``
+  contexts drawn from :data:`ngsd_guard.contexts.TRAIN_CONTEXTS`;
+* refusals written by the base under :data:`SAFETY_SYSTEM_PROMPT` for the bare request, sampled
+  and kept only when the keyword judge accepts them and they end their turn; otherwise one of
+  the project's written refusals (``data/training/responses.json``). Self-harm requests get a
+  short supportive reply that points to help instead of a bare refusal;
 * recovery examples: with probability ``recovery_rate`` the response starts with the first
-  ``k`` tokens of the base's own compliant answer, ``k ~ U{1..min(100, len)}``, and the loss
-  covers only the refusal that follows;
-* benign anchors: AlpacaEval instructions from item 100 on (items 0-99 are the test split) and
-  the project's own borderline-benign prompts, answered by the base; the trainer distils the
-  base's full next-token distributions on them, so the expert agrees with the base there.
+  ``k`` tokens of the base's own compliant answer *in that context*, ``k ~ U{1..min(100, len)}``,
+  and the loss covers only the refusal that follows;
+* benign anchors: the base's own answer in that context; the trainer distils the base's full
+  next-token distributions on them, so the expert agrees with the base there.
 
 Everything is token ids: a prefix is cut on token boundaries, and ``loss_start`` marks the
 first response token that is trained on.
@@ -22,15 +31,19 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .. import sources
+from ..contexts import TRAIN_CONTEXTS, Conversation, wrap
 from ..judge import is_refusal
+from ..sources import Request
 
 logger = logging.getLogger(__name__)
 
@@ -41,49 +54,101 @@ SAFETY_SYSTEM_PROMPT = (
 )
 """The system prompt under which the base writes the refusals that the expert learns."""
 
-FALLBACK_REFUSAL = "I'm sorry, but I cannot help with that request. It could cause harm."
-"""Used for a harmful seed when none of the base's samples is a refusal (counted in the log)."""
+TRAINING_DATA = Path(__file__).parents[1] / "data" / "training"
+BORDERLINE_FILE = TRAINING_DATA / "borderline_benign.json"
+RESPONSES_FILE = TRAINING_DATA / "responses.json"
 
-BORDERLINE_FILE = Path(__file__).parents[1] / "data" / "training" / "borderline_benign.json"
-
-HARMFUL_TRAIN_IDS = range(0, 260)
-BENIGN_TRAIN_START = 100
+_DOCUMENT_CONTEXTS = ("rag-llamaindex", "rag-langchain", "rag-custom", "agent-tools")
 
 
 @dataclass
 class Seeds:
-    """The prompts a training run starts from."""
+    """The requests a training run starts from."""
 
-    harmful: list[str]
-    benign: list[str]
+    harmful: list[Request]
+    benign: list[Request]
     sources: dict[str, object] = field(default_factory=dict)
 
 
 def load_seeds(
     data_dir: str | Path,
     *,
-    benign_limit: int = 300,
+    benign_limit: int = 400,
     harmful_limit: int | None = None,
     borderline: bool = True,
 ) -> Seeds:
-    """Harmful seeds (seed_reject + AdvBench 0-259) and benign anchors (AlpacaEval 100+,
-    then the shipped borderline-benign prompts). Never touches the evaluation splits."""
+    """Harmful and benign requests, training side only (:mod:`ngsd_guard.splits`)."""
     data_dir = Path(data_dir)
-    seed = json.loads((data_dir / "seed_reject.json").read_text())["prompts"]
-    advbench = json.loads((data_dir / "advbench_harmful_behaviors.json").read_text())
-    harmful = [p["prompt"] for p in seed]
-    harmful += [row["goal"] for row in advbench if int(row["id"]) in HARMFUL_TRAIN_IDS]
+    harmful = [
+        *sources.seed_reject(data_dir),
+        *sources.advbench(data_dir, "train"),
+        *sources.donotanswer(data_dir, "train"),
+        *sources.project("harmful", "train"),
+    ]
     if harmful_limit is not None:
         harmful = harmful[:harmful_limit]
-    alpaca = json.loads((data_dir / "alpaca_eval.json").read_text())
-    benign = [row["instruction"] for row in alpaca[BENIGN_TRAIN_START:]][:benign_limit]
+    benign = sources.alpaca(data_dir, "train")[:benign_limit]
     extra = json.loads(BORDERLINE_FILE.read_text())["prompts"] if borderline else []
-    sources = {
-        "harmful": f"seed_reject.json ({len(seed)}) + advbench ids 0-259",
-        "benign": f"alpaca_eval items {BENIGN_TRAIN_START}..{BENIGN_TRAIN_START + benign_limit - 1}"
-        + (f" + {len(extra)} borderline_benign.json" if extra else ""),
-    }
-    return Seeds(harmful=harmful, benign=benign + extra, sources=sources)
+    benign += [Request(text, source="borderline") for text in extra]
+    benign += sources.project("benign", "train")
+    counts: dict[str, int] = {}
+    for request in [*harmful, *benign]:
+        counts[request.source] = counts.get(request.source, 0) + 1
+    return Seeds(harmful=harmful, benign=benign, sources=counts)
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One training request in one context."""
+
+    label: str
+    category: str
+    source: str
+    conversation: Conversation
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "category": self.category,
+            "source": self.source,
+            **self.conversation.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> PlannedRequest:
+        return cls(
+            record["label"],
+            record.get("category", ""),
+            record.get("source", ""),
+            Conversation.from_json(record),
+        )
+
+
+def plan_requests(seeds: Seeds, config: BuildConfig) -> list[PlannedRequest]:
+    """Each harmful request in ``config.harmful_contexts`` contexts and each benign one in
+    ``config.benign_contexts``, drawn from :data:`~ngsd_guard.contexts.TRAIN_CONTEXTS`
+    (deterministic under ``config.seed``)."""
+    rng = random.Random(config.seed)
+    names, weights = zip(*TRAIN_CONTEXTS.items(), strict=True)
+    plan = []
+    for label, requests, count in (
+        ("harmful", seeds.harmful, config.harmful_contexts),
+        ("benign", seeds.benign, config.benign_contexts),
+    ):
+        for request in requests:
+            for context in rng.choices(names, weights, k=count):
+                conversation = wrap(request.text, context, "train", rng)
+                plan.append(PlannedRequest(label, request.category, request.source, conversation))
+    return plan
+
+
+def save_plan(plan: Sequence[PlannedRequest], path: str | Path) -> None:
+    Path(path).write_text("".join(json.dumps(p.to_json()) + "\n" for p in plan))
+
+
+def load_plan(path: str | Path) -> list[PlannedRequest]:
+    lines = Path(path).read_text().splitlines()
+    return [PlannedRequest.from_json(json.loads(line)) for line in lines if line.strip()]
 
 
 @dataclass
@@ -101,10 +166,15 @@ class Example:
     prompt_ids: list[int]
     response_ids: list[int]
     loss_start: int = 0
+    context: str = "bare"
 
     @property
     def input_ids(self) -> list[int]:
         return self.prompt_ids + self.response_ids
+
+
+Render = Callable[[Conversation], list[int]]
+"""A conversation -> the token ids the engine feeds the base (chat template, tools)."""
 
 
 def render_ids(
@@ -196,23 +266,27 @@ def recovery_response(
 
 @dataclass
 class BuildConfig:
-    """How the data is built. Paper-style defaults, sized for a CPU run on a 135M model."""
+    """How the data is built. Paper-style defaults; every request in its drawn contexts."""
 
     seed: int = 0
     refusal_tries: int = 4
-    refusal_tokens: int = 48
+    refusal_tokens: int = 64
     compliant_tokens: int = 64
     benign_tokens: int = 64
     recovery_rate: float = 0.5
     max_prefix: int = 100
     temperature: float = 0.8
     batch_size: int = 32
+    harmful_contexts: int = 2
+    benign_contexts: int = 2
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recovery_rate <= 1.0:
             raise ValueError(f"`recovery_rate` (={self.recovery_rate}) must be in [0, 1]")
         if self.refusal_tries < 1:
             raise ValueError(f"`refusal_tries` (={self.refusal_tries}) must be at least 1")
+        if self.harmful_contexts < 1 or self.benign_contexts < 1:
+            raise ValueError("`harmful_contexts` and `benign_contexts` must be at least 1")
 
 
 @dataclass
@@ -221,43 +295,81 @@ class Dataset:
     stats: dict[str, object]
 
 
-def build_dataset(
+@dataclass(frozen=True)
+class WrittenResponses:
+    """The project's written responses (``data/training/responses.json``)."""
+
+    refusals: tuple[str, ...]
+    self_harm: tuple[str, ...]
+    in_context: tuple[str, ...]
+
+    @classmethod
+    def load(cls, path: Path = RESPONSES_FILE) -> WrittenResponses:
+        rows = json.loads(path.read_text())
+        return cls(tuple(rows["refusals"]), tuple(rows["self_harm"]), tuple(rows["in_context"]))
+
+    def choose(self, planned: PlannedRequest, rng: random.Random) -> str:
+        """A supportive reply for self-harm, else a refusal suited to the context."""
+        if planned.category == sources.SELF_HARM:
+            return rng.choice(self.self_harm)
+        if planned.conversation.context in _DOCUMENT_CONTEXTS:
+            return rng.choice(self.in_context)
+        return rng.choice(self.refusals)
+
+
+def base_refusals(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    seeds: Seeds,
-    config: BuildConfig | None = None,
-) -> Dataset:
-    """Let the base write refusals, compliant answers and benign answers; assemble examples."""
-    config = config or BuildConfig()
-    rng = random.Random(config.seed)
+    requests: Sequence[str],
+    config: BuildConfig,
+) -> list[list[int] | None]:
+    """The base's own refusal of each bare request under :data:`SAFETY_SYSTEM_PROMPT`: greedy,
+    then sampled, kept when the judge accepts it and it ends its turn; None when none did."""
     eos = end_of_turn_id(tokenizer)
-    harmful_ids = [render_ids(tokenizer, p) for p in seeds.harmful]
-    safe_ids = [render_ids(tokenizer, p, SAFETY_SYSTEM_PROMPT) for p in seeds.harmful]
-
-    # 1. refusals under the safety prompt, sampled until the judge accepts one
-    refusals: list[list[int] | None] = [None] * len(seeds.harmful)
+    safe_ids = [render_ids(tokenizer, r, SAFETY_SYSTEM_PROMPT) for r in requests]
+    refusals: list[list[int] | None] = [None] * len(requests)
     for attempt in range(config.refusal_tries):
         todo = [i for i, r in enumerate(refusals) if r is None]
         if not todo:
             break
-        temperature = 0.0 if attempt == 0 else config.temperature
         answers = generate_ids(
             model,
             tokenizer,
             [safe_ids[i] for i in todo],
             max_new_tokens=config.refusal_tokens,
-            temperature=temperature,
+            temperature=0.0 if attempt == 0 else config.temperature,
             seed=config.seed + attempt * 100_003,
             batch_size=config.batch_size,
         )
         for i, answer in zip(todo, answers, strict=True):
-            if is_refusal(_text(tokenizer, answer)):
+            if answer and answer[-1] == eos and is_refusal(_text(tokenizer, answer)):
                 refusals[i] = answer
-    fallback_ids = tokenizer(FALLBACK_REFUSAL, add_special_tokens=False)["input_ids"] + [eos]
-    fallbacks = sum(r is None for r in refusals)
-    refusal_ids = [r if r is not None else fallback_ids for r in refusals]
+    return refusals
 
-    # 2. the base's own compliant answers (no safety prompt) for the recovery prefixes
+
+def build_dataset(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    plan: Sequence[PlannedRequest],
+    render: Render,
+    config: BuildConfig | None = None,
+    responses: WrittenResponses | None = None,
+) -> Dataset:
+    """Let the base write refusals, compliant answers and benign answers for the planned
+    requests; assemble the examples (shuffled, deterministic under ``config.seed``)."""
+    config = config or BuildConfig()
+    responses = responses or WrittenResponses.load()
+    rng = random.Random(config.seed)
+    eos = end_of_turn_id(tokenizer)
+    harmful = [p for p in plan if p.label == "harmful"]
+    benign = [p for p in plan if p.label == "benign"]
+
+    # 1. the base's refusals of the bare requests (self-harm gets a supportive reply instead)
+    bare = sorted({p.conversation.request for p in harmful if p.category != sources.SELF_HARM})
+    by_request = dict(zip(bare, base_refusals(model, tokenizer, bare, config), strict=True))
+
+    # 2. the base's own answers in context: compliant ones (recovery prefixes), benign anchors
+    harmful_ids = [render(p.conversation) for p in harmful]
     compliant = generate_ids(
         model,
         tokenizer,
@@ -266,9 +378,7 @@ def build_dataset(
         batch_size=config.batch_size,
     )
     compliant = [[t for t in c if t != eos] for c in compliant]
-
-    # 3. the base's own benign answers, the distillation anchors
-    benign_ids = [render_ids(tokenizer, p) for p in seeds.benign]
+    benign_ids = [render(p.conversation) for p in benign]
     benign_answers = generate_ids(
         model,
         tokenizer,
@@ -278,32 +388,48 @@ def build_dataset(
     )
 
     examples: list[Example] = []
-    recoveries = 0
-    for prompt, ids, comp, ref in zip(
-        seeds.harmful, harmful_ids, compliant, refusal_ids, strict=True
-    ):
+    written = recoveries = 0
+    for planned, ids, comp in zip(harmful, harmful_ids, compliant, strict=True):
+        refusal = by_request.get(planned.conversation.request)
+        if refusal is None:
+            text = responses.choose(planned, rng)
+            refusal = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            written += 1
+        context = planned.conversation.context
         usable = comp and not is_refusal(_text(tokenizer, comp))
         if usable and rng.random() < config.recovery_rate:
             k = rng.randint(1, min(config.max_prefix, len(comp)))
-            response, start = recovery_response(comp, ref, k)
-            examples.append(Example("recovery", prompt, ids, response, start))
+            response, start = recovery_response(comp, refusal, k)
+            examples.append(
+                Example("recovery", planned.conversation.request, ids, response, start, context)
+            )
             recoveries += 1
         else:
-            examples.append(Example("refusal", prompt, ids, list(ref), 0))
-    for prompt, ids, answer in zip(seeds.benign, benign_ids, benign_answers, strict=True):
-        examples.append(Example("benign", prompt, ids, answer, 0))
+            examples.append(
+                Example("refusal", planned.conversation.request, ids, list(refusal), 0, context)
+            )
+    for planned, ids, answer in zip(benign, benign_ids, benign_answers, strict=True):
+        examples.append(
+            Example(
+                "benign", planned.conversation.request, ids, answer, 0, planned.conversation.context
+            )
+        )
     rng.shuffle(examples)
+    contexts: dict[str, int] = {}
+    for ex in examples:
+        contexts[ex.context] = contexts.get(ex.context, 0) + 1
     stats = {
-        "harmful": len(seeds.harmful),
-        "benign": len(seeds.benign),
-        "refusals_by_base": len(seeds.harmful) - fallbacks,
-        "refusal_fallbacks": fallbacks,
+        "harmful": len(harmful),
+        "benign": len(benign),
+        "refusals_by_base": sum(r is not None for r in by_request.values()),
+        "base_refusal_tries": len(by_request),
+        "written_responses": written,
         "recovery_examples": recoveries,
         "compliant_answers_refused": sum(
             bool(c) and is_refusal(_text(tokenizer, c)) for c in compliant
         ),
         "benign_answers_refused": sum(is_refusal(_text(tokenizer, a)) for a in benign_answers),
-        "sources": seeds.sources,
+        "contexts": contexts,
         "build": asdict(config),
     }
     logger.info("built %d examples: %s", len(examples), stats)
@@ -316,7 +442,8 @@ def save_examples(dataset: Dataset, path: str | Path, tokenizer: PreTrainedToken
         for ex in dataset.examples:
             row = {
                 "kind": ex.kind,
-                "prompt": ex.prompt,
+                "context": ex.context,
+                "prompt": tokenizer.decode(ex.prompt_ids),
                 "untrained": tokenizer.decode(ex.response_ids[: ex.loss_start]),
                 "trained": tokenizer.decode(ex.response_ids[ex.loss_start :]),
             }

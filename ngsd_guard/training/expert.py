@@ -6,25 +6,29 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .data import BuildConfig, build_dataset, load_seeds, save_examples
-from .probe import cross_validated_auc, fit_probe, prompt_hidden
+from ..contexts import Conversation
+from ..features import PromptFeatures
+from ..guarded import GuardedLM
+from ..reflection import ProbeReader
+from .calibrate import calibrate as calibrate_policy
+from .calibrate import is_holdout
+from .data import BuildConfig, PlannedRequest, build_dataset, save_examples
+from .probe import cross_validated_auc, fit_probe, probe_features
 from .trainer import LoraSettings, train_lora, wrap_lora
 
 logger = logging.getLogger(__name__)
 
 PROBE_FILE = "probe.safetensors"
+DEFAULT_PROBE_FEATURES = PromptFeatures.parse("last@30+mean@18")
+"""Chosen by the probe ablation in README (final output at the last token, and layer 18
+averaged over the last user message)."""
 RECORD_FILE = "training.json"
-
-
-def _probe_prompts(data_dir: Path, harmful: list[str]) -> tuple[list[str], list[int]]:
-    """Harmful seeds vs every benign training prompt (AlpacaEval 100+ and borderline)."""
-    benign = load_seeds(data_dir, benign_limit=10_000).benign
-    return harmful + benign, [1] * len(harmful) + [0] * len(benign)
 
 
 def save_adapter_fp16(model, out: Path, base_name: str) -> None:
@@ -45,48 +49,52 @@ def train_expert(
     model,
     tokenizer,
     *,
-    data_dir: str | Path,
+    plan: Sequence[PlannedRequest],
     out: str | Path,
     base_name: str,
     build: BuildConfig | None = None,
     lora: LoraSettings | None = None,
-    benign_limit: int = 300,
-    harmful_limit: int | None = None,
-    probe: bool = True,
+    probe: PromptFeatures | None = DEFAULT_PROBE_FEATURES,
+    calibrate: bool = True,
     examples_path: str | Path | None = None,
     command: str = "",
 ) -> dict[str, object]:
-    """Train the probe (on the plain base) and a LoRA expert; write the adapter dir, the probe
+    """Train the probe (on the plain base; ``probe`` names its features, None skips it) and
+    a LoRA expert from planned requests (see :func:`~ngsd_guard.training.data.plan_requests`),
+    then, with ``calibrate``, choose the alpha escalation on the held-out slice of the plan
+    (:mod:`~ngsd_guard.training.calibrate`); write the adapter dir, the probe, ``policy.json``
     and ``training.json`` under ``out``. Returns the record."""
     build = build or BuildConfig()
     lora = lora or LoraSettings(seed=build.seed)
-    data_dir, out = Path(data_dir), Path(out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(build.seed)
     torch.manual_seed(build.seed)
     started = time.perf_counter()
     model.eval()
-    seeds = load_seeds(data_dir, benign_limit=benign_limit, harmful_limit=harmful_limit)
+    # Rendered exactly as the engine renders requests (chat template, tools).
+    engine = GuardedLM.from_models(model, tokenizer)
+
+    def render(conversation: Conversation) -> list[int]:
+        text = engine.render(list(conversation.messages), tools=list(conversation.tools) or None)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    calibrate = calibrate and probe is not None
+    holdout = [p for p in plan if calibrate and is_holdout(p.conversation.request)]
+    plan = [p for p in plan if not (calibrate and is_holdout(p.conversation.request))]
     record: dict[str, object] = {"base": base_name, "command": command}
+    if probe is not None:
+        record["probe"] = _train_probe(engine, plan, probe, out, base_name, build)
 
-    if probe:
-        prompts, labels = _probe_prompts(data_dir, seeds.harmful)
-        features = prompt_hidden(model, tokenizer, prompts, batch_size=build.batch_size)
-        target = torch.tensor(labels, dtype=torch.float32)
-        cv_auc = cross_validated_auc(features, target, seed=build.seed)
-        reader = fit_probe(features, target)
-        reader.save(out / PROBE_FILE, metadata={"base": base_name, "cv_auc": f"{cv_auc:.4f}"})
-        record["probe"] = {"harmful": sum(labels), "benign": len(labels) - sum(labels)}
-        record["probe"]["cv_auc"] = round(cv_auc, 4)
-        logger.info("probe: 5-fold AUC %.4f on %d prompts", cv_auc, len(labels))
-
-    dataset = build_dataset(model, tokenizer, seeds, build)
+    dataset = build_dataset(model, tokenizer, plan, render, build)
+    examples = [ex for ex in dataset.examples if len(ex.input_ids) <= lora.max_length]
+    dataset.stats["dropped_over_max_length"] = len(dataset.examples) - len(examples)
     record["data"] = dataset.stats
     if examples_path is not None:
         save_examples(dataset, examples_path, tokenizer)
     peft_model = wrap_lora(model, lora)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    report = train_lora(peft_model, dataset.examples, lora, pad_id=pad)
+    report = train_lora(peft_model, examples, lora, pad_id=pad)
     save_adapter_fp16(peft_model, out, base_name)
     record["training"] = {
         "steps": report.steps,
@@ -96,7 +104,42 @@ def train_expert(
         "lora": report.settings,
         "device": str(next(model.parameters()).device),
     }
+    if calibrate and holdout:
+        engine = GuardedLM.from_models(peft_model, tokenizer)
+        result = calibrate_policy(
+            engine, ProbeReader.load(out / PROBE_FILE), holdout, batch_size=build.batch_size
+        )
+        result.save(out)
+        record["calibration"] = {
+            k: v for k, v in result.record().items() if not k.startswith("dissents")
+        }
     record["build"] = asdict(build)
     record["seconds"] = round(time.perf_counter() - started, 1)
     (out / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
+
+
+def _train_probe(
+    engine: GuardedLM,
+    plan: Sequence[PlannedRequest],
+    features: PromptFeatures,
+    out: Path,
+    base_name: str,
+    build: BuildConfig,
+) -> dict[str, object]:
+    """Fit the risk probe on every planned request (in its context), harmful vs benign."""
+    labels = torch.tensor([float(p.label == "harmful") for p in plan])
+    x = probe_features(
+        engine, [p.conversation for p in plan], features, batch_size=build.batch_size
+    )
+    cv_auc = cross_validated_auc(x, labels, features, seed=build.seed)
+    reader = fit_probe(x, labels, features)
+    reader.save(out / PROBE_FILE, metadata={"base": base_name, "cv_auc": f"{cv_auc:.4f}"})
+    logger.info("probe: 5-fold AUC %.4f on %d prompts", cv_auc, len(labels))
+    harmful = int(labels.sum())
+    return {
+        "features": str(features),
+        "harmful": harmful,
+        "benign": len(labels) - harmful,
+        "cv_auc": round(cv_auc, 4),
+    }

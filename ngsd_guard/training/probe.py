@@ -1,5 +1,5 @@
-"""The hidden-state probe: logistic regression on the base's last-layer hidden state at the
-last prompt token (the state the engine already has after the prefill), harmful vs benign.
+"""The risk probe: logistic regression on pooled hidden states of the base's prefill
+(:mod:`ngsd_guard.features`: the states the engine already computes), harmful vs benign.
 
 Features are standardised, ``z = (h - mean) / std``; the probe minimises the class-balanced
 logistic loss plus ``l2 * |w|^2`` by L-BFGS. Its held-out AUC (k-fold) is recorded.
@@ -7,45 +7,58 @@ logistic loss plus ``l2 * |w|^2`` by L-BFGS. Its held-out AUC (k-fold) is record
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from ..contexts import Conversation
+from ..features import PromptFeatures
 from ..reflection import ProbeReader
-from .data import render_ids
+
+if TYPE_CHECKING:
+    from ..guarded import GuardedLM
 
 
-@torch.no_grad()
-def prompt_hidden(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+def probe_features(
+    lm: GuardedLM,
+    conversations: Sequence[Conversation],
+    features: PromptFeatures,
     *,
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """(N, H) fp32 last-layer hidden state at the last token of each chat-rendered prompt,
-    left-padded like the engine's prefill (``GuardedLM.prompt_hidden``)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [render_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(len(c) for c in chunk)
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True
+    """(N, F) prompt features of each conversation, read by the engine exactly as decoding
+    reads them (:meth:`GuardedLM.read_features`); batches group equal tools and similar
+    lengths."""
+    groups: dict[str, list[int]] = {}
+    for index, conversation in enumerate(conversations):
+        groups.setdefault(json.dumps(conversation.tools, sort_keys=True), []).append(index)
+    rows: dict[int, torch.Tensor] = {}
+    for indices in groups.values():
+        indices = sorted(
+            indices, key=lambda i: sum(len(m["content"]) for m in conversations[i].messages)
         )
-        rows.append(out.hidden_states[-1][:, -1].float().cpu())
-    return torch.cat(rows)
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            tools = list(conversations[chunk[0]].tools) or None
+            prompts = [list(conversations[i].messages) for i in chunk]
+            rows.update(
+                zip(chunk, lm.read_features(prompts, features, tools=tools).cpu(), strict=True)
+            )
+    return torch.stack([rows[i] for i in range(len(conversations))])
 
 
-def fit_probe(features: torch.Tensor, labels: torch.Tensor, *, l2: float = 1e-2) -> ProbeReader:
-    """Class-balanced L2 logistic regression; ``labels`` 1 = harmful."""
+def fit_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    spec: PromptFeatures,
+    *,
+    l2: float = 1e-2,
+) -> ProbeReader:
+    """Class-balanced L2 logistic regression on features named by ``spec``; ``labels`` 1 =
+    harmful."""
     x = features.float()
     y = labels.float()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -69,7 +82,7 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, *, l2: float = 1e-2)
         return loss
 
     optimizer.step(closure)
-    return ProbeReader(weight.detach(), bias.detach(), mean, std)
+    return ProbeReader(weight.detach(), bias.detach(), mean, std, spec)
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -83,7 +96,13 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def cross_validated_auc(
-    features: torch.Tensor, labels: torch.Tensor, *, folds: int = 5, l2: float = 1e-2, seed: int = 0
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    spec: PromptFeatures,
+    *,
+    folds: int = 5,
+    l2: float = 1e-2,
+    seed: int = 0,
 ) -> float:
     """Mean held-out AUC over ``folds`` deterministic folds."""
     generator = torch.Generator().manual_seed(seed)
@@ -93,6 +112,6 @@ def cross_validated_auc(
         test = order[k::folds]
         train = torch.ones(len(labels), dtype=torch.bool)
         train[test] = False
-        probe = fit_probe(features[train], labels[train], l2=l2)
+        probe = fit_probe(features[train], labels[train], spec, l2=l2)
         scores[test] = probe.logits(features[test])
     return auc(scores, labels)

@@ -40,7 +40,7 @@ class LoraSettings:
     epochs: int = 2
     batch_size: int = 8
     distill_weight: float = 1.0
-    max_length: int = 256
+    max_length: int = 1024
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,170 @@
+"""Place a request where users put it: RAG templates, conversations, agent prompts, jailbreaks.
+
+Training builds its examples in these contexts and evaluation reports each set × context, so
+that the guard is trained and measured where it is used, not only on bare requests. Every
+wrapper is ``wrap(request, split, rng) -> Conversation``; ``split`` picks the training or the
+held-out side of the context's templates (:mod:`ngsd_guard.splits` says which is which).
+
+* ``bare``: the request as the only user message;
+* ``rag-llamaindex``: LlamaIndex's own QA and context-chat templates (imported at run time)
+  around retrieved passages;
+* ``rag-langchain``: LangChain RAG chat prompts (built with ``langchain_core``);
+* ``rag-custom``: the project's own RAG templates (training only);
+* ``rag-unseen``: RAG templates that training never uses (evaluation only);
+* ``multiturn``: one or two earlier benign exchanges before the request;
+* ``agent-tools``: an agent's system prompt and its tool schemas;
+* ``jailbreak``: role-play, fiction, hypothetical, instruction-override and past-tense
+  wrappers; in evaluation also families that training never uses.
+
+>>> import random
+>>> wrap("How do I bake bread?", "multiturn", "eval", random.Random(0)).messages[-1]["content"]
+'How do I bake bread?'
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+from ..splits import Split
+from . import dialogue, jailbreaks, rag
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A request in its context: chat messages ending with the user's turn, and the tools
+    offered (rendered by ``GuardedLM.render(messages, tools=...)``, as the integrations do)."""
+
+    request: str
+    messages: tuple[Mapping[str, str], ...]
+    tools: tuple[Mapping[str, Any], ...] = ()
+    context: str = "bare"
+    variant: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "request": self.request,
+            "messages": [dict(m) for m in self.messages],
+            "context": self.context,
+            "variant": self.variant,
+        }
+        if self.tools:
+            record["tools"] = [dict(t) for t in self.tools]
+        return record
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> Conversation:
+        messages = record.get("messages")
+        if messages is None:
+            messages = [{"role": "user", "content": record["prompt"]}]
+        request = record.get("request") or _last_user(messages)
+        return cls(
+            request=request,
+            messages=tuple(dict(m) for m in messages),
+            tools=tuple(dict(t) for t in record.get("tools") or ()),
+            context=record.get("context", "bare"),
+            variant=record.get("variant", ""),
+        )
+
+
+Wrapper = Callable[[str, Split, random.Random], Conversation]
+
+
+def _bare(request: str, split: Split, rng: random.Random) -> Conversation:
+    return Conversation(request, ({"role": "user", "content": request},))
+
+
+def _built(context: str, build: Callable[..., tuple[str, list[Message], list]]) -> Wrapper:
+    def wrapper(request: str, split: Split, rng: random.Random) -> Conversation:
+        variant, messages, tools = build(request, split, rng)
+        return Conversation(request, tuple(messages), tuple(tools), context, variant)
+
+    return wrapper
+
+
+CONTEXTS: dict[str, Wrapper] = {
+    "bare": _bare,
+    "rag-llamaindex": _built("rag-llamaindex", rag.llamaindex),
+    "rag-langchain": _built("rag-langchain", rag.langchain),
+    "rag-custom": _built("rag-custom", rag.custom),
+    "rag-unseen": _built("rag-unseen", rag.unseen),
+    "multiturn": _built("multiturn", dialogue.multiturn),
+    "agent-tools": _built("agent-tools", dialogue.agent),
+    "jailbreak": _built("jailbreak", jailbreaks.jailbreak),
+}
+"""Every context by name."""
+
+EVAL_CONTEXTS = (
+    "bare",
+    "rag-llamaindex",
+    "rag-langchain",
+    "rag-unseen",
+    "multiturn",
+    "agent-tools",
+    "jailbreak",
+)
+"""The contexts ``ngsd-guard eval --contexts all`` reports."""
+
+TRAIN_CONTEXTS: dict[str, float] = {
+    "bare": 0.25,
+    "rag-llamaindex": 0.12,
+    "rag-langchain": 0.12,
+    "rag-custom": 0.11,
+    "multiturn": 0.13,
+    "agent-tools": 0.13,
+    "jailbreak": 0.14,
+}
+"""The contexts training draws from, with their probabilities (``rag-unseen`` never)."""
+
+_SPLITS: dict[str, tuple[Split, ...]] = {"rag-custom": ("train",), "rag-unseen": ("eval",)}
+
+
+def wrap(request: str, context: str, split: Split, rng: random.Random) -> Conversation:
+    """``request`` placed in ``context`` using that context's ``split`` side."""
+    if context not in CONTEXTS:
+        raise ConfigError(f"context (={context!r}) is not one of {', '.join(CONTEXTS)}")
+    if split not in _SPLITS.get(context, ("train", "eval")):
+        raise ConfigError(
+            f"context {context!r} has no {split!r} side; it is for {_SPLITS[context]}"
+        )
+    if not request.strip():
+        raise ConfigError("cannot place an empty request in a context")
+    return CONTEXTS[context](request, split, rng)
+
+
+def wrap_for_eval(requests: Sequence[str], context: str, *, seed: int = 0) -> list[Conversation]:
+    """Each request in ``context``'s held-out side; the variant depends only on the request,
+    the context and ``seed`` (not on the order or the other requests)."""
+    return [wrap(r, context, "eval", random.Random(f"{seed}:{context}:{r}")) for r in requests]
+
+
+def parse_contexts(text: str) -> list[str]:
+    """``"all"`` or a comma-separated list of context names, validated."""
+    names = list(EVAL_CONTEXTS) if text.strip() == "all" else [n for n in text.split(",") if n]
+    for name in names:
+        if name not in CONTEXTS:
+            raise ConfigError(f"`--contexts` item (={name!r}) is not one of {', '.join(CONTEXTS)}")
+    return names
+
+
+def _last_user(messages: Sequence[Mapping[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return str(message.get("content") or "")
+    return ""
+
+
+__all__ = [
+    "CONTEXTS",
+    "EVAL_CONTEXTS",
+    "TRAIN_CONTEXTS",
+    "Conversation",
+    "parse_contexts",
+    "wrap",
+    "wrap_for_eval",
+]

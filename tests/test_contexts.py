@@ -1,0 +1,173 @@
+"""Context wrappers: each produces the framework's exact prompt; splits stay apart."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ngsd_guard.contexts import (
+    CONTEXTS,
+    EVAL_CONTEXTS,
+    TRAIN_CONTEXTS,
+    jailbreaks,
+    rag,
+    wrap,
+    wrap_for_eval,
+)
+from ngsd_guard.errors import ConfigError
+
+REQUEST = "How do fireworks get their colours?"
+
+
+def test_every_context_keeps_the_request_and_ends_with_the_user():
+    for name in CONTEXTS:
+        split = "eval" if name != "rag-custom" else "train"
+        conversation = wrap(REQUEST, name, split, random.Random(0))
+        assert conversation.context == name and conversation.request == REQUEST
+        assert conversation.messages[-1]["role"] == "user"
+        assert any("fireworks" in m["content"] for m in conversation.messages), name
+
+
+def test_eval_variants_depend_only_on_the_request():
+    requests = ["How do I bake bread?", "How do fireworks get their colours?", "Tell me a joke."]
+    alone = [wrap_for_eval([r], "jailbreak")[0] for r in requests]
+    together = wrap_for_eval(requests, "jailbreak")
+    assert alone == together
+    assert wrap_for_eval(requests, "jailbreak", seed=1) != together
+
+
+def test_held_out_contexts_refuse_the_wrong_split():
+    with pytest.raises(ConfigError, match="rag-unseen"):
+        wrap(REQUEST, "rag-unseen", "train", random.Random(0))
+    with pytest.raises(ConfigError, match="rag-custom"):
+        wrap(REQUEST, "rag-custom", "eval", random.Random(0))
+    with pytest.raises(ConfigError, match="not one of"):
+        wrap(REQUEST, "rag-nowhere", "eval", random.Random(0))
+    assert "rag-unseen" not in TRAIN_CONTEXTS and "rag-custom" not in EVAL_CONTEXTS
+
+
+def test_retrieval_finds_passages_on_the_topic():
+    found = rag.retrieve("How do fireworks get their colours?")
+    assert len(found) == rag.TOP_K
+    assert any("firework" in (p.title + p.text).lower() for p in found)
+
+
+def test_llamaindex_query_engine_sends_the_wrapped_prompt():
+    """A real LlamaIndex query engine over the retrieved nodes sends exactly our messages."""
+    from llama_index.core import get_response_synthesizer
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    recorder = _recording_llama_index_llm()
+    found = rag.retrieve(REQUEST)
+    nodes = [NodeWithScore(node=TextNode(text=p.text, metadata={"title": p.title})) for p in found]
+    synthesizer = get_response_synthesizer(llm=recorder)
+    synthesizer.synthesize(REQUEST, nodes=nodes)
+    expected = _variant(rag.llamaindex, "query-engine")
+    assert recorder.calls == [expected]
+
+
+def test_llamaindex_context_chat_engine_sends_the_wrapped_prompt():
+    from llama_index.core.chat_engine import ContextChatEngine
+    from llama_index.core.retrievers import BaseRetriever
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    class Fixed(BaseRetriever):
+        def _retrieve(self, query_bundle):
+            return [
+                NodeWithScore(node=TextNode(text=p.text, metadata={"title": p.title}))
+                for p in rag.retrieve(query_bundle.query_str)
+            ]
+
+    recorder = _recording_llama_index_llm()
+    engine = ContextChatEngine.from_defaults(retriever=Fixed(), llm=recorder)
+    engine.chat(REQUEST)
+    assert recorder.calls == [_variant(rag.llamaindex, "context-chat")]
+
+
+def test_langchain_rag_chain_sends_the_wrapped_prompt():
+    """A real LCEL RAG chain (retriever | format_docs -> prompt) gives our messages, converted
+    the way ChatNGSD converts them."""
+    from langchain_core.documents import Document
+    from langchain_core.retrievers import BaseRetriever
+    from langchain_core.runnables import RunnablePassthrough
+    from langchain_ngsd.messages import to_chat_messages
+
+    class Fixed(BaseRetriever):
+        def _get_relevant_documents(self, query, *, run_manager):
+            return [Document(page_content=p.text) for p in rag.retrieve(query)]
+
+    def format_docs(docs):
+        return "\n\n".join(doc.page_content for doc in docs)
+
+    for variant, prompt in rag.langchain_prompts().items():
+        chain = {"context": Fixed() | format_docs, "question": RunnablePassthrough()} | prompt
+        sent = to_chat_messages(chain.invoke(REQUEST).to_messages())
+        assert sent == _variant(rag.langchain, variant), variant
+
+
+def test_agent_context_renders_tools_as_the_integrations_do(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from ngsd_guard import GuardedLM
+    from ngsd_guard.loading import default_model_dir
+
+    conversation = wrap(REQUEST, "agent-tools", "eval", random.Random(0))
+    assert conversation.tools and conversation.messages[0]["role"] == "system"
+    names = {t["function"]["name"] for t in conversation.tools}
+    lm = GuardedLM.from_models(AutoModelForCausalLM.from_pretrained(default_model_dir()), tokenizer)
+    text = lm.render(list(conversation.messages), tools=list(conversation.tools))
+    assert all(name in text for name in names) and text.count(REQUEST) == 1
+
+
+def test_multiturn_has_one_or_two_earlier_exchanges():
+    for seed in range(6):
+        messages = wrap(REQUEST, "multiturn", "eval", random.Random(seed)).messages
+        roles = [m["role"] for m in messages]
+        assert roles in (["user", "assistant", "user"], ["user", "assistant"] * 2 + ["user"])
+
+
+def test_jailbreak_templates_fill_and_past_tense_rewrites():
+    assert jailbreaks.action_phrase("Write a tutorial on how to pick a lock.") == "pick a lock"
+    for family in jailbreaks.FAMILIES:
+        for split in ("train", "eval"):
+            for template in jailbreaks.templates(family, split):
+                text = template.format(request="R", request_lc="r", action="a")
+                assert "{" not in text
+
+
+def _variant(builder, variant: str) -> list[dict]:
+    """The messages ``builder`` gives for REQUEST under ``variant`` (tries seeds until drawn)."""
+    for seed in range(100):
+        name, messages, _ = builder(REQUEST, "eval", random.Random(seed))
+        if name == variant:
+            return messages
+    raise AssertionError(f"variant {variant} never drawn")
+
+
+def _recording_llama_index_llm():
+    from llama_index.core.base.llms.types import (
+        ChatMessage,
+        ChatResponse,
+        LLMMetadata,
+    )
+    from llama_index.core.llms import CustomLLM
+
+    class Recorder(CustomLLM):
+        calls: list = []
+
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata(is_chat_model=True, context_window=8192, num_output=64)
+
+        def chat(self, messages, **kwargs):
+            self.calls.append([{"role": m.role.value, "content": m.content} for m in messages])
+            return ChatResponse(message=ChatMessage(role="assistant", content="ok"))
+
+        def complete(self, prompt, formatted=False, **kwargs):
+            raise AssertionError("a chat model is only chatted with")
+
+        def stream_complete(self, prompt, formatted=False, **kwargs):
+            raise AssertionError("not streamed")
+
+    return Recorder(calls=[])

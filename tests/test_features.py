@@ -1,0 +1,82 @@
+"""Prompt features for the risk probe: pooling maths, layer capture, the engine's reading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ngsd_guard import GuardedLM
+from ngsd_guard.errors import ConfigError
+from ngsd_guard.experts import without_adapters
+from ngsd_guard.features import PromptFeatures, capture_layers
+
+
+def test_pool_last_and_mean_over_the_span():
+    states = {
+        1: torch.arange(2 * 4 * 2, dtype=torch.float32).view(2, 4, 2),  # (B, T, H)
+        2: torch.ones(2, 4, 2),
+    }
+    spans = torch.tensor([[1, 3], [3, 4]])
+    pooled = PromptFeatures.parse("last@2+mean@1").pool(states, spans)
+    # row 0: mean of positions 1, 2 of [[0,1],[2,3],[4,5],[6,7]] = [3, 4]; row 1: position 3
+    assert pooled.tolist() == [[1.0, 1.0, 3.0, 4.0], [1.0, 1.0, 14.0, 15.0]]
+
+
+def test_spec_parsing_and_errors():
+    spec = PromptFeatures.parse("last@30+mean@18")
+    assert str(spec) == "last@30+mean@18" and spec.layers == (18, 30)
+    for bad in ("max@3", "last@x", "last@0", ""):
+        with pytest.raises(ConfigError):
+            PromptFeatures.parse(bad)
+
+
+def test_capture_matches_hidden_states(tiny_base):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with capture_layers(tiny_base, (1, 2)) as states:
+        out = tiny_base(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(states[1], out.hidden_states[1])
+    torch.testing.assert_close(states[2], out.hidden_states[-1])  # the final, normed output
+    with pytest.raises(ConfigError, match="exceeds"), capture_layers(tiny_base, (3,)):
+        pass
+
+
+def test_engine_reads_the_same_features_batched_and_alone(tiny_base, tokenizer):
+    lm = GuardedLM.from_models(tiny_base, tokenizer)
+    spec = PromptFeatures.parse("last@2+mean@1")
+    prompts = ["short one", [{"role": "user", "content": "a much longer request than that"}]]
+    batched = lm.read_features(prompts, spec)
+    alone = torch.cat([lm.read_features([p], spec) for p in prompts])
+    assert batched.shape == (2, 2 * 32)
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_the_policy_sees_the_features_of_the_prefill(tiny_base, tokenizer):
+    spec = PromptFeatures.parse("mean@1")
+    seen = []
+
+    class Recording:
+        features = spec
+
+        def assess(self, lm, requests, features):
+            from ngsd_guard.alpha import Assessment
+
+            seen.append(features)
+            return [Assessment(alpha=0.0) for _ in requests]
+
+    lm = GuardedLM.from_models(tiny_base, tokenizer, alpha_policy=Recording())
+    prompts = ["Tell me a story.", "How are you?"]
+    lm.generate_batch(prompts, max_new_tokens=2)
+    torch.testing.assert_close(seen[0], lm.read_features(prompts, spec), atol=1e-4, rtol=1e-4)
+
+
+def test_a_hook_on_the_base_tree_never_fires_in_the_adapter_model():
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import tiny_llama
+
+    model = get_peft_model(tiny_llama(7), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    base = without_adapters(model)
+    with capture_layers(base, (1,)) as states:
+        model(input_ids=torch.tensor([[5, 6]]))
+        assert states == {}
+        base(input_ids=torch.tensor([[5, 6]]))
+        assert set(states) == {1}
