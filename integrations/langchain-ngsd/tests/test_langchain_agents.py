@@ -41,11 +41,26 @@ def llm() -> ChatNGSD:
     ids=["tool-strategy", "provider-strategy", "bare-schema"],
 )
 def test_create_agent_structured_response_is_valid(llm: ChatNGSD, response_format: object) -> None:
-    agent = create_agent(llm, tools=[get_weather], response_format=response_format)
+    agent = create_agent(llm, response_format=response_format)
     result = agent.invoke({"messages": [HumanMessage(QUESTION)]})
     person = result["structured_response"]
     assert isinstance(person, Person)
     assert Person.model_validate(person.model_dump()) == person
+
+
+def test_tools_stay_offered_beside_a_response_format(llm: ChatNGSD) -> None:
+    # tool_choice auto with a schema: a call *or* a valid answer (ngsd_guard.tools.plan). The
+    # tools are not dropped: asked for the weather, the model calls the tool. (An agent loop
+    # with a tool the 135M model keeps calling would never reach its structured answer, so
+    # the agents above get none.)
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "Person", "schema": Person.model_json_schema()},
+    }
+    bound = llm.bind_tools([get_weather], response_format=response_format)
+    message = bound.invoke([HumanMessage("What is the weather in Paris?")])
+    assert [call["name"] for call in message.tool_calls] == ["get_weather"]
+    assert isinstance(message.tool_calls[0]["args"]["city"], str)
 
 
 def test_provider_strategy_with_a_json_schema_dict(llm: ChatNGSD) -> None:
