@@ -40,7 +40,7 @@ def test_rag_example_streams_an_answer_and_prints_gate_triggers():
 
 def test_agent_example_calls_the_tool_and_reports_gate_triggers():
     # threshold 0: the gate fires on every token, so both agents report triggers
-    out = run_example("llamaindex_agent.py", "--threshold", "0", "--max-new-tokens", "16")
+    out = run_example("llamaindex_agent.py", "--threshold", "0", "--max-new-tokens", "40")
     function_part, react_part = out.split("\nReActAgent\n")
     assert function_part.startswith("Q: What is 6 times 7?\nFunctionAgent\n")
     # the first step is a forced call, decoded under a constraint: always valid

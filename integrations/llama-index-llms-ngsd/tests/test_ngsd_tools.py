@@ -27,6 +27,9 @@ def weather(city: str) -> str:
 
 
 TOOLS = [FunctionTool.from_defaults(multiply), FunctionTool.from_defaults(weather)]
+CALL_TOKENS = 40
+"""A budget that holds the shortest forced call of these tools (about 34 tokens); a smaller
+one is a ConfigError before decoding."""
 
 
 def test_tool_schemas_and_earlier_calls_reach_the_prompt(llm):
@@ -53,7 +56,10 @@ def test_tool_schemas_and_earlier_calls_reach_the_prompt(llm):
 
 
 def test_tool_required_constrains_decoding_to_a_valid_call(llm):
-    response = llm.chat_with_tools(TOOLS, "What is 6 times 7?", tool_required=True)
+    # a forced call must fit its budget (the engine's rule, ngsd_guard.tools.plan_tools)
+    response = llm.chat_with_tools(
+        TOOLS, "What is 6 times 7?", tool_required=True, max_tokens=CALL_TOKENS
+    )
     (selection,) = llm.get_tool_calls_from_response(response)
     assert selection.tool_name in {"multiply", "weather"}
     assert selection.tool_id.startswith("call_")
@@ -64,7 +70,11 @@ def test_tool_required_constrains_decoding_to_a_valid_call(llm):
 
 
 def test_a_named_tool_choice_forces_that_tool_and_streams_no_call_text(llm):
-    chunks = list(llm.stream_chat_with_tools(TOOLS, "Weather in Oslo?", tool_choice="multiply"))
+    chunks = list(
+        llm.stream_chat_with_tools(
+            TOOLS, "Weather in Oslo?", tool_choice="multiply", max_tokens=CALL_TOKENS
+        )
+    )
     assert "".join(c.delta for c in chunks) == ""  # the call is a block, not text
     (selection,) = llm.get_tool_calls_from_response(chunks[-1])
     assert selection.tool_name == "multiply"
@@ -86,7 +96,10 @@ def test_structured_predict_is_a_constrained_call(llm):
         age: int
 
     person = llm.structured_predict(
-        Person, PromptTemplate("Extract the person: {text}"), text="Alice is 30 years old."
+        Person,
+        PromptTemplate("Extract the person: {text}"),
+        llm_kwargs={"max_tokens": CALL_TOKENS},
+        text="Alice is 30 years old.",
     )
     assert isinstance(person, Person) and isinstance(person.age, int)
 
@@ -96,7 +109,7 @@ def always_firing() -> NGSD:
     # threshold 0: the neuron fires on every token, also on the forced call's tokens, where
     # the constraint leaves the two distributions too close for the 0.1 gate.
     config = GuardConfig(gate=GateConfig(threshold=0.0), window=1)
-    return NGSD(guarded=GuardedLM.from_default(config=config), max_new_tokens=8)
+    return NGSD(guarded=GuardedLM.from_default(config=config), max_new_tokens=CALL_TOKENS)
 
 
 async def test_function_agent_run_sends_gate_events(always_firing, gate_events):
