@@ -14,31 +14,15 @@ from .settings import API_KEY_ENV, ServeSettings
 
 logger = logging.getLogger(__name__)
 
-MODEL_FLAGS = (
-    "model",
-    "gguf_file",
-    "expert",
-    "adapter",
-    "prompted",
-    "device",
-    "expert_device",
-    "dtype",
-    "gate",
-    "divergence",
-    "tau",
-    "threshold",
-    "reset",
-    "soft_reset",
-    "alpha",
-    "top_k_union",
-    "window",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-)
-"""The flags of :func:`ngsd_guard.cli.add_model_options`: what each replica loads."""
+
+def model_flags() -> tuple[str, ...]:
+    """The destinations of :func:`ngsd_guard.cli.add_model_options`: what each replica loads
+    (read from the parser, so that a new model flag reaches the replicas too)."""
+    from ..cli import add_model_options
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_options(parser)
+    return tuple(vars(parser.parse_args([])))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -125,7 +109,7 @@ def settings_from_args(args: argparse.Namespace, model_name: str) -> ServeSettin
 
 def model_spec(args: argparse.Namespace) -> dict[str, object]:
     """The model flags, as a plain dict a Ray replica can load from."""
-    return {name: getattr(args, name) for name in MODEL_FLAGS}
+    return {name: getattr(args, name) for name in model_flags()}
 
 
 def run_serve(args: argparse.Namespace) -> int:
