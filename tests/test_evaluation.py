@@ -9,7 +9,7 @@ import pytest
 
 from ngsd_guard.contexts import wrap_for_eval
 from ngsd_guard.errors import ConfigError
-from ngsd_guard.evaluation import evaluate_set, format_table, load_set
+from ngsd_guard.evaluation import evaluate_set, format_summary, format_table, load_set
 from ngsd_guard.evaluation.sets import EvalSet
 from ngsd_guard.records import Generation, Summary
 
@@ -78,6 +78,29 @@ def test_metrics_on_a_tiny_set_with_known_answers():
     assert lm.calls == [(1, False, 8), (1, False, 8), (1, True, 8), (1, True, 8)]
     table = format_table([entry])
     assert "| tiny | bare | benign | 2 |" in table
+
+
+def _entry(context: str, label: str, n: int, base: float, guarded: float, same: float) -> dict:
+    return {
+        "set": "s",
+        "context": context,
+        "label": label,
+        "n": n,
+        "base": {"refusal_rate": base},
+        "guarded": {"refusal_rate": guarded, "identical_to_base": same, "escalated": 0.5},
+    }
+
+
+def test_summary_pools_sets_by_context_and_label_weighted_by_size():
+    results = [
+        _entry("rag", "harmful", 10, 0.0, 1.0, 0.0),
+        _entry("rag", "harmful", 30, 0.2, 0.6, 0.2),
+        _entry("rag", "benign", 4, 0.25, 0.25, 1.0),
+    ]
+    lines = format_summary(results).splitlines()
+    # refusal guarded (10 * 1.0 + 30 * 0.6) / 40 = 0.7, so ASR 30%; identical 0.15
+    assert lines[2] == "| rag | harmful | 40 | 15.0% | 70.0% | 85.0% | 30.0% | 15.0% | 50.0% |"
+    assert lines[3] == "| rag | benign | 4 | 25.0% | 25.0% | - | - | 100.0% | 50.0% |"
 
 
 @needs_data

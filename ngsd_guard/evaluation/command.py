@@ -132,7 +132,7 @@ def build_policy(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..cli import load_from_args
     from ..contexts import parse_contexts
-    from .runner import evaluate_set, format_table
+    from .runner import evaluate_set, format_summary, format_table
     from .sets import export_jsonl, load_set
 
     data_dir = args.data_dir or default_data_dir()
@@ -180,5 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"results": results}, indent=2))
     else:
         print(format_table(results))
+        print("\nPooled by context and label:\n")
+        print(format_summary(results))
         print(f"\nresults: {output}")
     return 0

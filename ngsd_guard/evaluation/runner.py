@@ -5,7 +5,8 @@ Per side (``base``: the base alone through the same loop, ``guarded``: NGSD):
 rate, harmful sets only, else None), ``spikes_per_prompt``, ``gate_silent`` (share of prompts
 where the gate never fired), ``mean_divergence`` (mean over prompts of each output's mean
 divergence), ``tokens_per_s``; the guarded side adds ``identical_to_base`` (share of outputs
-equal to the base's, character for character) and ``mean_alpha`` / ``mean_risk``.
+equal to the base's, character for character), ``mean_alpha`` / ``mean_risk`` and ``escalated``
+(share of answers whose alpha rose mid-answer).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def evaluate_set(
         sum(g.text == b.text for g, b in zip(guarded, base, strict=True)) / n
     )
     guarded_metrics["mean_alpha"] = sum(g.summary.alpha for g in guarded) / n
+    guarded_metrics["escalated"] = sum(g.summary.escalated for g in guarded) / n
     risks = [g.summary.risk for g in guarded if g.summary.risk is not None]
     guarded_metrics["mean_risk"] = sum(risks) / len(risks) if risks else None
     entry = {
@@ -120,6 +122,7 @@ def evaluate_set(
             "spikes": g.summary.spikes,
             "intervened": g.summary.intervened,
             "alpha": g.summary.alpha,
+            "escalated": g.summary.escalated,
             "risk": g.summary.risk,
             "mean_divergence": g.summary.mean_divergence,
         }
@@ -153,5 +156,37 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             f"{_pct(g['identical_to_base'])} | {_pct(g['gate_silent'])} | "
             f"{_num(g['spikes_per_prompt'], 1)} | {_num(g['mean_divergence'], 3)} | "
             f"{_num(b['tokens_per_s'], 0)} | {_num(g['tokens_per_s'], 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def format_summary(results: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table pooling the sets of each context and label (weighted by ``n``): the
+    harmful sets' refusal rates and ASR, the benign sets' refusal rates and identical share."""
+    pooled: dict[tuple[str, str], dict[str, float]] = {}
+    for r in results:
+        key = (r.get("context", "bare"), r["label"])
+        into = pooled.setdefault(
+            key, dict.fromkeys(("n", "base", "guarded", "same", "escalated"), 0.0)
+        )
+        n = r["n"]
+        into["n"] += n
+        into["base"] += n * r["base"]["refusal_rate"]
+        into["guarded"] += n * r["guarded"]["refusal_rate"]
+        into["same"] += n * r["guarded"]["identical_to_base"]
+        into["escalated"] += n * r["guarded"].get("escalated", 0.0)  # older files lack it
+    lines = [
+        "| context | label | n | refusal base | refusal guarded | ASR base | ASR guarded | "
+        "identical to base | escalated |",
+        "|" + " --- |" * 9,
+    ]
+    for (context, label), p in pooled.items():
+        n = p["n"]
+        harmful = label == "harmful"
+        lines.append(
+            f"| {context} | {label} | {n:.0f} | {_pct(p['base'] / n)} | "
+            f"{_pct(p['guarded'] / n)} | {_pct(1 - p['base'] / n if harmful else None)} | "
+            f"{_pct(1 - p['guarded'] / n if harmful else None)} | {_pct(p['same'] / n)} | "
+            f"{_pct(p['escalated'] / n)} |"
         )
     return "\n".join(lines)
