@@ -225,7 +225,7 @@ class Decoder:
         pad_id = self.eos_ids[0]
         base_prompts = [s.base_ids for s in specs]
         features = self.features if any(s.alpha is None for s in specs) else None
-        spans = [s.span for s in specs]
+        spans = [s.span or (0, len(s.base_ids)) for s in specs]
         expert_pre: Prefill | None = None
         joint = self.expert.joint_adapter if self.expert is not None else None
         if self.expert is not None and joint and all(s.base_ids == s.expert_ids for s in specs):

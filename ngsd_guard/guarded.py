@@ -412,21 +412,25 @@ class GuardedLM:
     ) -> torch.Tensor:
         """(B, F) fp32 prompt features of the base's prefill (:mod:`ngsd_guard.features`), for
         prompts rendered as generation renders them: what a risk probe reads."""
-        tokens = [self.encode_prompt(prompt, raw=raw, tools=tools) for prompt in prompts]
+        tokens = [
+            self.encode_prompt(prompt, raw=raw, tools=tools, locate_request=True)
+            for prompt in prompts
+        ]
         done = prefill(
             self._base,
             [t.base for t in tokens],
             self._eos_ids[0],
             features=features,
-            spans=[t.span for t in tokens],
+            spans=[t.span or (0, len(t.base)) for t in tokens],
         )
         assert done.features is not None
         return done.features
 
     def _checked_ids(self, text: str) -> list[int]:
-        if not isinstance(text, str) or not text.strip():
-            raise PromptError("`prompt` is empty; pass a non-empty string or message list")
-        ids = self._encode(text)
+        _check_text(text)
+        return self._checked_length(self._encode(text))
+
+    def _checked_length(self, ids: list[int]) -> list[int]:
         if len(ids) >= self.context_window:
             raise ContextTooLongError(
                 f"the prompt has {len(ids)} tokens but the context window of {self.model_name} "
@@ -435,10 +439,17 @@ class GuardedLM:
         return ids
 
     def encode_prompt(
-        self, prompt: Prompt, *, raw: bool = False, tools: Sequence[dict[str, Any]] | None = None
+        self,
+        prompt: Prompt,
+        *,
+        raw: bool = False,
+        tools: Sequence[dict[str, Any]] | None = None,
+        locate_request: bool = False,
     ) -> PromptTokens:
         """The token ids each model is prompted with (the expert's under its safety prompt,
-        for a prompted expert), and the request text the alpha policy reads."""
+        for a prompted expert), and the request text the alpha policy reads; with
+        ``locate_request``, also where that request lies in the base's tokens (what a probe
+        pooling over it needs; a fast tokenizer's offsets, from the same tokenisation)."""
         if raw:
             if not isinstance(prompt, str):
                 raise PromptError("`raw=True` needs a string prompt")
@@ -446,8 +457,11 @@ class GuardedLM:
         else:
             messages = _messages(prompt)
             text = self._render(messages, tools)
-        ids = self._checked_ids(text)
         request = _last_user(messages)
+        if locate_request:
+            ids, span = self._ids_and_span(text, request)
+        else:
+            ids, span = self._checked_ids(text), None
         expert_ids = ids
         if self._expert is not None and self._expert.safety_prompt is not None:
             expert_text = (
@@ -456,22 +470,19 @@ class GuardedLM:
                 else self._render(self._expert.messages(messages), tools)
             )
             expert_ids = self._checked_ids(expert_text)
-        return PromptTokens(
-            base=ids, expert=expert_ids, request=request, span=self._span(text, request, ids)
-        )
+        return PromptTokens(base=ids, expert=expert_ids, request=request, span=span)
 
-    def _span(self, text: str, request: str, ids: list[int]) -> tuple[int, int]:
-        """[start, end) token positions of ``request`` (the last user message) in ``text``;
-        the whole text when it is not found verbatim."""
+    def _ids_and_span(self, text: str, request: str) -> tuple[list[int], tuple[int, int]]:
+        """``text``'s checked ids and the [start, end) token positions of ``request`` (the last
+        user message) in them, from one tokenisation; the whole text when it is not found
+        verbatim."""
+        _check_text(text)
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = self._checked_length(encoding["input_ids"])
         start = text.rfind(request) if request else -1
-        if start < 0:
-            return 0, len(ids)
         end = start + len(request)
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
-            "offset_mapping"
-        ]
-        inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
-        return (inside[0], inside[-1] + 1) if inside else (0, len(ids))
+        inside = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if a < end and b > start]
+        return ids, (inside[0], inside[-1] + 1) if start >= 0 and inside else (0, len(ids))
 
     def _row(self, row: int, request: GenerationRequest) -> _RowRequest:
         """Validate one request and turn it into the loop's RowSpec (plus what the facade
@@ -486,7 +497,10 @@ class GuardedLM:
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"`alpha` (={alpha}) must be in [0, 1]")
         tokens = self.encode_prompt(
-            request.prompt, raw=bool(options.get("raw", False)), tools=options.get("tools")
+            request.prompt,
+            raw=bool(options.get("raw", False)),
+            tools=options.get("tools"),
+            locate_request=alpha is None and self._policy_features is not None,
         )
         fields = self.config.decoding.model_dump()
         for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
@@ -524,15 +538,21 @@ class GuardedLM:
         return getattr(policy, "features", None)
 
 
+def _check_text(text: str) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise PromptError("`prompt` is empty; pass a non-empty string or message list")
+
+
 @dataclass(frozen=True)
 class PromptTokens:
     """A prompt as each model sees it, the request text the alpha policy reads, and where that
-    request lies in the base's tokens ([start, end); the whole prompt when not found)."""
+    request lies in the base's tokens ([start, end); the whole prompt when not found verbatim;
+    None when not asked for)."""
 
     base: list[int]
     expert: list[int]
     request: str
-    span: tuple[int, int]
+    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ class RowSpec:
     base_ids: list[int]
     expert_ids: list[int]
     request: str  # the last user message, for the alpha policy
-    span: tuple[int, int]  # [start, end) of the last user message in base_ids
+    span: tuple[int, int] | None  # [start, end) of the request in base_ids (None: not located)
     decoding: DecodingConfig  # this row's budget, sampling, seed and stop strings
     alpha: float | None = None  # a fixed expert weight; None: the alpha policy decides
     matcher: ConstraintMatcher | None = None
