@@ -51,13 +51,13 @@ from .records import StepRecord
 from .replay import WindowResult, replay
 from .rows import Draft, Row, RowResult, RowSpec
 from .sampling import SamplingParams, choose, uniforms
-from .sides import ModelSide, Prefill, prefill, split
+from .sides import ModelSide, Prefill, prefill, prompt_features, split
 from .verify import Verification, WindowTable
 
 Assess = Callable[[Sequence[str], torch.Tensor], Sequence[Assessment]]
-"""The alpha policy: (requests, (N, F) fp32 prompt features pooled from the base's prefill,
-or (N, 0) when the policy reads none) -> one Assessment (alpha, risk, potential, escalation)
-each."""
+"""The alpha policy: (requests, (N, F) fp32 prompt features read from the prefills
+(:mod:`ngsd_guard.features`), or (N, 0) when the policy reads none) -> one Assessment
+(alpha, risk, potential, escalation) each."""
 
 
 OVERLAP_MAX_TOKENS = 16
@@ -245,7 +245,8 @@ class Decoder:
                 expert_pre = prefill(self.expert.runner, expert_prompts, pad_id)
         if self._timing.estimate("verify") is None:  # a prompt's forward: a first guess
             self._timing.observe("verify", time.perf_counter() - admitted)
-        assessments = self._assessments(specs, base_pre.features)
+        read = prompt_features(features, base_pre, expert_pre) if features is not None else None
+        assessments = self._assessments(specs, read)
         device = self.base.out_device
         potential = torch.tensor([a.potential for a in assessments], dtype=torch.float32)
         state = self.gate.initial_state(count, device, potential.to(device))

@@ -48,7 +48,7 @@ from .loading import (
 )
 from .records import GateEvent, Generation, StepRecord, Summary
 from .rows import RowResult, RowSpec
-from .sides import prefill
+from .sides import prefill, prompt_features
 from .stopping import RefusalStop
 
 Prompt = str | Sequence[Message]
@@ -107,6 +107,12 @@ class GuardedLM:
         self._eos_ids = list(eos_ids)
         if not self._eos_ids:
             raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token")
+        features = self._policy_features
+        if expert is None and features is not None and features.reads_expert:
+            raise ConfigError(
+                f"the alpha policy reads {features}, whose tv@0 needs an expert; pass an expert "
+                "or a policy without tv@0"
+            )
         if getattr(tokenizer, "backend_tokenizer", None) is None:
             raise IncompatibleTokenizerError(
                 f"the tokenizer ({type(tokenizer).__name__}) has no `tokenizers` backend, which "
@@ -410,21 +416,23 @@ class GuardedLM:
         tools: Sequence[dict[str, Any]] | None = None,
         raw: bool = False,
     ) -> torch.Tensor:
-        """(B, F) fp32 prompt features of the base's prefill (:mod:`ngsd_guard.features`), for
-        prompts rendered as generation renders them: what a risk probe reads."""
+        """(B, F) fp32 prompt features (:mod:`ngsd_guard.features`) of prompts rendered as
+        generation renders them, read from the same prefills: what a risk probe reads."""
         tokens = [
             self.encode_prompt(prompt, raw=raw, tools=tools, locate_request=True)
             for prompt in prompts
         ]
-        done = prefill(
+        base = prefill(
             self._base,
             [t.base for t in tokens],
             self._eos_ids[0],
             features=features,
             spans=[t.span or (0, len(t.base)) for t in tokens],
         )
-        assert done.features is not None
-        return done.features
+        expert = None
+        if features.reads_expert and self._expert is not None:
+            expert = prefill(self._expert.runner, [t.expert for t in tokens], self._eos_ids[0])
+        return prompt_features(features, base, expert)
 
     def _checked_ids(self, text: str) -> list[int]:
         _check_text(text)

@@ -8,9 +8,10 @@ Three risk readers, all batched, all ``read(lm, requests, hidden) -> (B,) fp32 r
   those four integers (:data:`SCORES_SCHEMA`), so the rating always parses.
 * :class:`LogprobReader`: one batched forward per dimension; the score is the expected value
   of the next number token, ``E[s] = sum_k k p(k) / sum_k p(k)`` over the tokens ``"0".."10"``.
-* :class:`ProbeReader` (Safety-Neurons style): a logistic probe on the base's last-layer hidden
-  state at the last prompt token, ``risk = 10 sigmoid(w . (h - mu) / sigma + b)``; it costs no
-  forward, since the engine takes ``hidden`` from the prefill.
+* :class:`ProbeReader` (Safety-Neurons style): a logistic probe on the base's pooled hidden
+  states, ``risk = 10 sigmoid(w . (h - mu) / sigma + b)``, optionally blended with the
+  expert's first disagreement ``D_0`` (:class:`FirstStepBlend`); it costs no forward, since
+  the engine pools ``h`` and ``D_0`` from the prefills that decoding runs anyway.
 
 The dimension scores become one risk by the paper's formula (:func:`combine_risk`), and the
 risk becomes an :class:`~ngsd_guard.alpha.Assessment` by :class:`RiskMap`.
@@ -292,9 +293,24 @@ class LogprobReader:
         return combine_risk(self.scores(lm, requests))
 
 
+class FirstStepBlend(_Frozen):
+    """``risk = 10 sigmoid(probe_weight * l + divergence_weight * D_0 + bias)``: a probe's
+    log-odds ``l`` blended with ``D_0``, the expert's first disagreement with the base
+    (``tv@0``, :mod:`ngsd_guard.features`). The probe reads the request as the plain base
+    sees it; ``D_0`` is how strongly the trained expert already wants to answer otherwise.
+    Fitted on held-out requests by calibration, since on its own training requests the expert
+    disagrees more than it will on new ones."""
+
+    probe_weight: float
+    divergence_weight: float
+    bias: float
+
+
 class ProbeReader:
-    """``risk = 10 sigmoid(w . (h - mean) / std + bias)`` on the prefill's pooled hidden states
-    ``h`` (``features``, e.g. ``last@30+mean@18``; see :mod:`ngsd_guard.features`)."""
+    """``risk = 10 sigmoid(l)`` with ``l = w . (h - mean) / std + bias`` on the prefill's pooled
+    hidden states ``h`` (``probe_features``, e.g. ``last@30+mean@18``; see
+    :mod:`ngsd_guard.features`); with a :class:`FirstStepBlend`, the blend of ``l`` and
+    ``D_0``, and the reader's ``features`` gain ``tv@0``."""
 
     def __init__(
         self,
@@ -303,15 +319,35 @@ class ProbeReader:
         mean: torch.Tensor,
         std: torch.Tensor,
         features: PromptFeatures,
+        blend: FirstStepBlend | None = None,
     ) -> None:
         if weight.ndim != 1 or mean.shape != weight.shape or std.shape != weight.shape:
             raise ConfigError(
                 f"probe shapes disagree: weight {tuple(weight.shape)}, mean "
                 f"{tuple(mean.shape)}, std {tuple(std.shape)}; retrain with train-expert"
             )
+        if features.reads_expert:
+            raise ConfigError(
+                f"a probe's own features (={features}) are hidden states; tv@0 comes from a "
+                "FirstStepBlend"
+            )
         self.weight, self.bias = weight.float(), bias.float().reshape(())
         self.mean, self.std = mean.float(), std.float().clamp_min(1e-6)
-        self.features = features
+        self.probe_features = features
+        self.blend = blend
+
+    @property
+    def features(self) -> PromptFeatures:
+        """What the reader needs from the prefills: the probe's, plus ``tv@0`` with a blend."""
+        if self.blend is None:
+            return self.probe_features
+        return self.probe_features.with_first_divergence()
+
+    def blended(self, blend: FirstStepBlend | None) -> ProbeReader:
+        """This probe read through ``blend`` (None: the probe alone)."""
+        return ProbeReader(
+            self.weight, self.bias, self.mean, self.std, self.probe_features, blend=blend
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeReader:
@@ -339,25 +375,34 @@ class ProbeReader:
         )
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Write the probe (not its blend, which lives in the expert's ``policy.json``)."""
         from safetensors.torch import save_file
 
         tensors = {"weight": self.weight, "bias": self.bias.reshape(1), "mean": self.mean}
         tensors["std"] = self.std
-        metadata = {**(metadata or {}), "features": str(self.features)}
+        metadata = {**(metadata or {}), "features": str(self.probe_features)}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, F) -> (B,) log-odds of 'harmful'."""
+        """(B, F) features of ``probe_features`` -> (B,) the probe's log-odds of 'harmful'."""
         z = (features.float().to(self.weight.device) - self.mean) / self.std
         return z @ self.weight + self.bias
 
     def read(self, lm: GuardedLM, requests: Sequence[str], features: torch.Tensor) -> torch.Tensor:
-        if features.shape[-1] != self.weight.shape[0]:
+        width = self.weight.shape[0] + (self.blend is not None)
+        if features.shape[-1] != width:
             raise ConfigError(
-                f"the probe expects {self.weight.shape[0]} features ({self.features}) but the "
-                f"model gives {features.shape[-1]}; train a probe for this model with train-expert"
+                f"the probe expects {width} features ({self.features}) but the model gives "
+                f"{features.shape[-1]}; train a probe for this model with train-expert"
             )
-        return 10.0 * torch.sigmoid(self.logits(features.cpu()))
+        features = features.cpu().float()
+        if self.blend is None:
+            return 10.0 * torch.sigmoid(self.logits(features))
+        # tv@0 is the last term of `self.features`
+        log_odds = self.logits(features[:, :-1])
+        blend = self.blend
+        mixed = blend.probe_weight * log_odds + blend.divergence_weight * features[:, -1]
+        return 10.0 * torch.sigmoid(mixed + blend.bias)
 
 
 # ---------------------------------------------------------------------------- the policy
@@ -401,13 +446,23 @@ def load_risk_map(directory: str | Path) -> RiskMap:
     return RiskMap(**json.loads(path.read_text())["risk_map"])
 
 
+def load_blend(directory: str | Path) -> FirstStepBlend | None:
+    """The expert directory's ``policy.json`` blend of the probe with ``tv@0``, if any."""
+    path = Path(directory) / POLICY_FILE
+    if not path.is_file():
+        return None
+    blend = json.loads(path.read_text()).get("blend")
+    return FirstStepBlend(**blend) if blend is not None else None
+
+
 def default_policy(probe: str | Path | None = None) -> ReflectionAlpha | None:
     """The probe policy of an expert directory's probe (default: the shipped expert's), with
-    the risk map of its ``policy.json``; None when there is no probe file."""
+    the blend and risk map of its ``policy.json``; None when there is no probe file."""
     path = Path(probe) if probe is not None else SHIPPED_PROBE
     if not path.is_file():
         return None
-    return ReflectionAlpha(ProbeReader.load(path), load_risk_map(path.parent))
+    reader = ProbeReader.load(path).blended(load_blend(path.parent))
+    return ReflectionAlpha(reader, load_risk_map(path.parent))
 
 
 def risk_json(scores: dict[str, float]) -> str:

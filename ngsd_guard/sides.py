@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from .experts import Runner
-from .features import PromptFeatures
+from .features import PromptFeatures, first_divergence
 
 COMPACT_MIN_SLOTS = 32
 """Compact once this many slots (and at least :data:`COMPACT_MIN_SHARE` of the cache) are dead
@@ -205,3 +205,14 @@ def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tupl
         pooled = prefilled.features[index] if prefilled.features is not None else None
         halves.append(Prefill(part, prefilled.logits[index], pooled))
     return halves[0], halves[1]
+
+
+def prompt_features(
+    features: PromptFeatures, base: Prefill, expert: Prefill | None
+) -> torch.Tensor:
+    """(B, F) fp32 ``features`` of prompts prefilled on the base (pooled with ``features``)
+    and, for ``tv@0``, on the expert (:meth:`PromptFeatures.assemble`)."""
+    if base.features is None:
+        raise ValueError("the base's prefill was not asked for `features`")
+    divergence = first_divergence(base.logits, expert.logits) if expert is not None else None
+    return features.assemble(base.features, divergence)

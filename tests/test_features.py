@@ -8,7 +8,7 @@ import torch
 from ngsd_guard import GuardedLM
 from ngsd_guard.errors import ConfigError
 from ngsd_guard.experts import without_adapters
-from ngsd_guard.features import PromptFeatures, capture_layers
+from ngsd_guard.features import PromptFeatures, capture_layers, first_divergence
 
 
 def test_pool_last_and_mean_over_the_span():
@@ -25,9 +25,30 @@ def test_pool_last_and_mean_over_the_span():
 def test_spec_parsing_and_errors():
     spec = PromptFeatures.parse("last@30+mean@18")
     assert str(spec) == "last@30+mean@18" and spec.layers == (18, 30)
-    for bad in ("max@3", "last@x", "last@0", ""):
+    assert not spec.reads_expert
+    for bad in ("max@3", "last@x", "last@0", "tv@1", ""):
         with pytest.raises(ConfigError):
             PromptFeatures.parse(bad)
+    both = PromptFeatures.parse("tv@0+last@2")
+    assert both.reads_expert and both.layers == (2,)
+    assert str(spec.with_first_divergence()) == "last@30+mean@18+tv@0"
+    assert both.with_first_divergence() == both
+
+
+def test_first_divergence_is_the_total_variation_and_is_placed_where_named():
+    base = torch.log(torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]).clamp_min(1e-30))
+    expert = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.0, 1.0]]).clamp_min(1e-30))
+    divergence = first_divergence(base, expert)
+    torch.testing.assert_close(divergence, torch.tensor([0.25, 1.0]))
+    pooled = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])  # two terms, H = 2
+    spec = PromptFeatures.parse("last@2+tv@0+mean@1")
+    assert spec.assemble(pooled, divergence).tolist() == [
+        [1.0, 2.0, 0.25, 3.0, 4.0],
+        [5.0, 6.0, 1.0, 7.0, 8.0],
+    ]
+    assert PromptFeatures.parse("tv@0").assemble(pooled[:, :0], divergence).shape == (2, 1)
+    with pytest.raises(ConfigError, match="no expert"):
+        spec.assemble(pooled, None)
 
 
 def test_capture_matches_hidden_states(tiny_base):
@@ -67,6 +88,35 @@ def test_the_policy_sees_the_features_of_the_prefill(tiny_base, tokenizer):
     prompts = ["Tell me a story.", "How are you?"]
     lm.generate_batch(prompts, max_new_tokens=2)
     torch.testing.assert_close(seen[0], lm.read_features(prompts, spec), atol=1e-4, rtol=1e-4)
+
+
+def test_tv_at_0_reads_the_two_prefills_and_decoding_sees_the_same(
+    tiny_base, tiny_expert, tokenizer
+):
+    spec = PromptFeatures.parse("mean@1+tv@0")
+    seen = []
+
+    class Recording:
+        features = spec
+
+        def assess(self, lm, requests, features):
+            from ngsd_guard.alpha import Assessment
+
+            seen.append(features)
+            return [Assessment(alpha=0.0) for _ in requests]
+
+    lm = GuardedLM.from_models(tiny_base, tokenizer, expert=tiny_expert, alpha_policy=Recording())
+    prompts = ["Tell me a story.", "How are you?"]
+    lm.generate_batch(prompts, max_new_tokens=2)
+    read = lm.read_features(prompts, spec)
+    torch.testing.assert_close(seen[0], read, atol=1e-4, rtol=1e-4)
+    texts = [lm.render(p) for p in prompts]
+    plain = GuardedLM.from_models(tiny_base, tokenizer)
+    alone = GuardedLM.from_models(tiny_expert, tokenizer)
+    expected = first_divergence(plain.next_token_logprobs(texts), alone.next_token_logprobs(texts))
+    torch.testing.assert_close(read[:, -1], expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="tv@0"):
+        GuardedLM.from_models(tiny_base, tokenizer, alpha_policy=Recording())
 
 
 def test_a_hook_on_the_base_tree_never_fires_in_the_adapter_model():

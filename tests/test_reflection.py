@@ -139,6 +139,33 @@ def test_probe_reader_round_trip_and_risk(tmp_path):
         loaded.read(None, ["a"], torch.zeros(1, 3))
 
 
+def test_blended_probe_reads_tv_at_0_last_and_loads_from_policy_json(tmp_path):
+    import json
+    import math
+
+    from ngsd_guard.reflection import FirstStepBlend, default_policy
+
+    ones, zeros = torch.ones(1), torch.zeros(1)
+    probe = ProbeReader(2 * ones, torch.tensor(1.0), zeros, ones, PromptFeatures.parse("last@2"))
+    blend = FirstStepBlend(probe_weight=0.5, divergence_weight=4.0, bias=-3.0)
+    reader = probe.blended(blend)
+    assert str(reader.features) == "last@2+tv@0" and str(probe.features) == "last@2"
+    features = torch.tensor([[1.0, 0.5], [-1.0, 0.0]])  # (h, D_0)
+    # l = 2h + 1 -> [3, -1]; risk = 10 sigmoid(0.5 l + 4 D_0 - 3)
+    expected = [10 / (1 + math.exp(-0.5)), 10 / (1 + math.exp(3.5))]
+    assert reader.read(None, ["a", "b"], features).tolist() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="2 features"):
+        reader.read(None, ["a"], torch.zeros(1, 1))
+    with pytest.raises(ConfigError, match="tv@0"):
+        ProbeReader(ones, torch.tensor(0.0), zeros, ones, PromptFeatures.parse("tv@0"))
+    probe.save(tmp_path / "probe.safetensors")
+    policy = {"risk_map": {"high": 7.0, "low": 7.0}, "blend": blend.model_dump()}
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    loaded = default_policy(tmp_path / "probe.safetensors")
+    assert loaded.reader.blend == blend and loaded.risk_map.high == 7.0
+    assert str(loaded.features) == "last@2+tv@0"
+
+
 def test_risk_map_thresholds_and_primed_potential():
     risk_map = RiskMap(potential_high=2.0, potential_mid=0.5, escalate_after=4)
     probe = ProbeReader(

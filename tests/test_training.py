@@ -15,7 +15,7 @@ from ngsd_guard import Generation, GuardedLM
 from ngsd_guard.contexts import Conversation, wrap
 from ngsd_guard.features import PromptFeatures
 from ngsd_guard.judge import is_refusal
-from ngsd_guard.reflection import ProbeReader, load_risk_map
+from ngsd_guard.reflection import ProbeReader, default_policy, load_risk_map
 from ngsd_guard.sources import Request
 from ngsd_guard.training import (
     BuildConfig,
@@ -32,7 +32,7 @@ from ngsd_guard.training import (
 )
 from ngsd_guard.training.data import PlannedRequest, load_plan, plan_requests, render_ids, save_plan
 from ngsd_guard.training.expert import train_expert
-from ngsd_guard.training.probe import auc
+from ngsd_guard.training.probe import auc, fit_blend
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
@@ -220,6 +220,17 @@ def test_probe_separates_separable_features():
     assert risk[:40].min() > 5 > risk[40:].max()
 
 
+def test_blend_weighs_the_column_that_separates():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([1.0] * 50 + [0.0] * 50)
+    log_odds = torch.randn(100, generator=generator)  # uninformative
+    divergence = labels * 0.8 + 0.1 * torch.rand(100, generator=generator)
+    blend = fit_blend(log_odds, divergence, labels)
+    assert blend.divergence_weight > 5 * abs(blend.probe_weight)
+    mixed = blend.probe_weight * log_odds + blend.divergence_weight * divergence + blend.bias
+    assert auc(mixed, labels) == 1.0 and (mixed[:50] > 0).all() and (mixed[50:] < 0).all()
+
+
 def test_train_expert_writes_a_peft_adapter_a_probe_and_a_record(tokenizer, tmp_path):
     from peft import PeftModel
 
@@ -245,6 +256,8 @@ def test_train_expert_writes_a_peft_adapter_a_probe_and_a_record(tokenizer, tmp_
     probe = ProbeReader.load(out / "probe.safetensors")
     assert probe.weight.shape == (64,) and str(probe.features) == "last@2+mean@1"
     assert saved["calibration"]["held_out"] == 2
+    assert saved["calibration"]["blend"] is not None
+    assert str(default_policy(out / "probe.safetensors").features) == "last@2+mean@1+tv@0"
     risk_map = load_risk_map(out)
     assert risk_map.model_dump() == saved["calibration"]["risk_map"]
     assert risk_map.alpha_low == 0.0 and risk_map.low == risk_map.high >= 6.0

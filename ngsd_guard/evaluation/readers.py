@@ -1,10 +1,11 @@
 """Risk readers side by side: how well each separates harmful from benign requests.
 
-``python -m ngsd_guard.evaluation.readers [--limit N] [--readers probe,logprob,json]
+``python -m ngsd_guard.evaluation.readers [--limit N] [--readers probe,blend,logprob,json]
 [--contexts all]`` prints, per reader, the AUC of harmful (advbench-test, xstest-unsafe) vs
 benign (alpaca, xstest-safe) requests, per context too, the share of each set read as high
-risk (r > 6), the mean risk per set, and the JSON reader's parse failures. The default model
-and the shipped probe are used.
+risk (above the shipped policy's threshold), the mean risk per set, and the JSON reader's
+parse failures. The default model and the shipped probe are used: ``probe`` alone, and ``blend``, the probe blended with the
+expert's first disagreement ``D_0`` as the shipped policy reads risk.
 """
 
 from __future__ import annotations
@@ -24,10 +25,16 @@ SETS = {"advbench-test": 1, "xstest-unsafe": 1, "alpaca": 0, "xstest-safe": 0}
 
 
 def compare_readers(
-    lm, readers: dict, data_dir, limit: int, contexts: Sequence[str] = ("bare",)
+    lm,
+    readers: dict,
+    data_dir,
+    limit: int,
+    contexts: Sequence[str] = ("bare",),
+    high: float = 6.0,
 ) -> dict[str, dict[str, float]]:
-    """``{reader: {"auc": ..., "high_<set>": ..., "mean_<set>": ..., "high_<context>": ...}}``:
-    each set's first ``limit`` requests placed in each context."""
+    """``{reader: {"auc": ..., "high_<set>": ..., "mean_<set>": ..., "auc_<context>": ...}}``:
+    each set's first ``limit`` requests placed in each context; ``high_<set>`` is the share
+    read above ``high``."""
     items = {}
     for name in SETS:
         (bare,) = load_set(name, data_dir, limit=limit)
@@ -51,7 +58,7 @@ def compare_readers(
         row = {"auc": round(auc(scores, labels), 3)}
         for name in SETS:
             r = torch.cat([v for (n, _), v in risks.items() if n == name])
-            row[f"high_{name}"] = round((r > 6).float().mean().item(), 3)
+            row[f"high_{name}"] = round((r > high).float().mean().item(), 3)
             row[f"mean_{name}"] = round(r.mean().item(), 2)
         if len(contexts) > 1:
             for context in contexts:
@@ -71,23 +78,33 @@ def compare_readers(
 def main(argv: list[str] | None = None) -> int:
     from ..contexts import parse_contexts
     from ..guarded import GuardedLM
-    from ..reflection import SHIPPED_PROBE, JsonReader, LogprobReader, ProbeReader
+    from ..reflection import (
+        SHIPPED_PROBE,
+        JsonReader,
+        LogprobReader,
+        ProbeReader,
+        load_blend,
+        load_risk_map,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m ngsd_guard.evaluation.readers")
     parser.add_argument("--limit", type=int, default=12, help="prompts per set")
-    parser.add_argument("--readers", default="probe,logprob,json")
+    parser.add_argument("--readers", default="probe,blend,logprob,json")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--contexts", default="bare", help="contexts to read in, or 'all'")
     args = parser.parse_args(argv)
     makers = {
         "probe": lambda: ProbeReader.load(SHIPPED_PROBE),
+        "blend": lambda: ProbeReader.load(SHIPPED_PROBE).blended(load_blend(SHIPPED_PROBE.parent)),
         "logprob": LogprobReader,
         "json": JsonReader,
     }
     readers = {name: makers[name]() for name in args.readers.split(",") if name}
     lm = GuardedLM.from_default()
     contexts = parse_contexts(args.contexts)
-    table = compare_readers(lm, readers, args.data_dir or default_data_dir(), args.limit, contexts)
+    data_dir = args.data_dir or default_data_dir()
+    high = load_risk_map(SHIPPED_PROBE.parent).high
+    table = compare_readers(lm, readers, data_dir, args.limit, contexts, high=high)
     for name, row in table.items():
         print(name, json.dumps(row))
     return 0

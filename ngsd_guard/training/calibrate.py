@@ -3,8 +3,10 @@
 A slice of the planned requests (:func:`is_holdout`) trains neither the expert nor the probe.
 With both trained, :func:`calibrate`:
 
-1. reads the probe's risk of every held-out request in its context, and sets the high-risk
-   threshold to the smallest value, at least the paper's 6, above which at most
+1. reads every held-out request in its context: the probe's log-odds and the expert's first
+   disagreement ``D_0`` (``tv@0``), and fits their blend
+   (:class:`~ngsd_guard.reflection.FirstStepBlend`; ``blend=False``: the probe alone). It sets
+   the high-risk threshold to the smallest value, at least the paper's 6, above which at most
    ``max_benign_high`` of the benign requests fall. A benign request read as high risk is
    decoded at alpha 0.9 with a primed neuron, which mostly turns it into a refusal, so a false
    "high" is expensive; a harmful request read low still has the escalation;
@@ -14,8 +16,8 @@ With both trained, :func:`calibrate`:
 3. sets ``escalate_after`` to the smallest count that at most ``max_benign_escalated`` of the
    benign answers reach.
 
-The result is a :class:`~ngsd_guard.reflection.RiskMap` with two bands (low = high), alpha 0
-below, 0.9 and a primed neuron above, written to the expert's ``policy.json``.
+The result is the blend and a :class:`~ngsd_guard.reflection.RiskMap` with two bands (low =
+high), alpha 0 below, 0.9 and a primed neuron above, written to the expert's ``policy.json``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from ..records import Generation
-from ..reflection import DEFAULT_RISK_MAP, POLICY_FILE, ProbeReader, RiskMap
-from .probe import probe_features
+from ..reflection import DEFAULT_RISK_MAP, POLICY_FILE, FirstStepBlend, ProbeReader, RiskMap
+from .probe import auc, fit_blend, probe_features
 
 if TYPE_CHECKING:
     from ..guarded import GuardedLM
@@ -80,10 +84,13 @@ def choose_escalation(
 
 @dataclass(frozen=True)
 class Calibration:
-    """The chosen risk map and what it does on the held-out requests."""
+    """The chosen blend and risk map, and what they do on the held-out requests."""
 
     risk_map: RiskMap
+    blend: FirstStepBlend | None
     held_out: int
+    auc_probe: float
+    auc_read: float
     benign_read_high: float
     harmful_read_high: float
     benign_escalated: float
@@ -94,12 +101,18 @@ class Calibration:
     def record(self) -> dict[str, object]:
         record = asdict(self)
         record["risk_map"] = self.risk_map.model_dump()
+        record["blend"] = self.blend.model_dump() if self.blend is not None else None
         return record
 
     def save(self, directory: str | Path) -> None:
-        """Write ``policy.json`` (read by :func:`ngsd_guard.reflection.load_risk_map`)."""
+        """Write ``policy.json`` (read by :func:`~ngsd_guard.reflection.load_risk_map` and
+        :func:`~ngsd_guard.reflection.load_blend`)."""
         record = self.record()
-        policy = {"risk_map": record.pop("risk_map"), "calibration": record}
+        policy = {
+            "risk_map": record.pop("risk_map"),
+            "blend": record.pop("blend"),
+            "calibration": record,
+        }
         (Path(directory) / POLICY_FILE).write_text(json.dumps(policy, indent=2) + "\n")
 
 
@@ -112,11 +125,20 @@ def calibrate(
     batch_size: int = 32,
     max_benign_high: float = 0.01,
     max_benign_escalated: float = 0.05,
+    blend: bool = True,
 ) -> Calibration:
-    """Choose the risk map of ``lm``'s trained expert and ``probe`` (module docstring)."""
+    """Choose the blend and risk map of ``lm``'s trained expert and ``probe`` (module
+    docstring)."""
     conversations = [p.conversation for p in holdout]
-    features = probe_features(lm, conversations, probe.features, batch_size=batch_size)
-    risks = probe.read(lm, [c.request for c in conversations], features).tolist()
+    probe = probe.blended(None)
+    spec = probe.features.with_first_divergence() if blend else probe.features
+    features = probe_features(lm, conversations, spec, batch_size=batch_size)
+    labels = torch.tensor([float(p.label == "harmful") for p in holdout])
+    log_odds = probe.logits(features[:, : probe.weight.shape[0]])
+    chosen = fit_blend(log_odds, features[:, -1], labels) if blend else None
+    reader = probe.blended(chosen)
+    read = reader.read(lm, [c.request for c in conversations], features)
+    risks = read.tolist()
     benign = [r for p, r in zip(holdout, risks, strict=True) if p.label == "benign"]
     harmful = [r for p, r in zip(holdout, risks, strict=True) if p.label == "harmful"]
     high = round(choose_high(benign, max_share=max_benign_high), 2)
@@ -149,7 +171,10 @@ def calibrate(
 
     return Calibration(
         risk_map=RiskMap(**risk_map.model_dump()),
+        blend=chosen,
         held_out=len(holdout),
+        auc_probe=round(auc(log_odds, labels), 4),
+        auc_read=round(auc(read, labels), 4),
         benign_read_high=share(benign, high + 1e-9),
         harmful_read_high=share(harmful, high + 1e-9),
         benign_escalated=share(counts["benign"], after) if after else 0.0,

@@ -94,9 +94,10 @@ def _add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
         "calibrate-expert",
         help="choose an expert's risk thresholds and alpha escalation on held-out requests",
         description=(
-            "Reads the probe's risk of the held-out slice of the training plan, decodes the "
-            "requests read as low risk at alpha 0, counts the expert's dissents, and writes the "
-            "chosen risk map to the expert's policy.json (what train-expert does last)."
+            "Reads the held-out slice of the training plan (the probe's log-odds and the "
+            "expert's first disagreement D_0), fits their blend, decodes the requests read as "
+            "low risk at alpha 0, counts the expert's dissents, and writes the chosen blend and "
+            "risk map to the expert's policy.json (what train-expert does last)."
         ),
     )
     parser.add_argument("--expert-dir", type=Path, required=True, help="adapter dir with probe")
@@ -108,6 +109,9 @@ def _add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-benign-high", type=float, default=0.01)
     parser.add_argument("--max-benign-escalated", type=float, default=0.05)
+    parser.add_argument(
+        "--no-blend", action="store_true", help="read risk by the probe alone (no tv@0)"
+    )
     parser.set_defaults(handler=cmd_calibrate_expert)
 
 
@@ -134,6 +138,7 @@ def cmd_calibrate_expert(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_benign_high=args.max_benign_high,
         max_benign_escalated=args.max_benign_escalated,
+        blend=not args.no_blend,
     )
     result.save(args.expert_dir)
     record = {k: v for k, v in result.record().items() if not k.startswith("dissents")}

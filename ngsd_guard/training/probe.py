@@ -3,6 +3,8 @@
 
 Features are standardised, ``z = (h - mean) / std``; the probe minimises the class-balanced
 logistic loss plus ``l2 * |w|^2`` by L-BFGS. Its held-out AUC (k-fold) is recorded.
+:func:`fit_blend` fits the same loss on two columns, the probe's log-odds and the expert's
+``D_0`` (a :class:`~ngsd_guard.reflection.FirstStepBlend`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 from ..contexts import Conversation
 from ..features import PromptFeatures
-from ..reflection import ProbeReader
+from ..reflection import FirstStepBlend, ProbeReader
 
 if TYPE_CHECKING:
     from ..guarded import GuardedLM
@@ -60,12 +62,31 @@ def fit_probe(
     """Class-balanced L2 logistic regression on features named by ``spec``; ``labels`` 1 =
     harmful."""
     x = features.float()
-    y = labels.float()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mean) / std
+    weight, bias = _logistic((x - mean) / std, labels, l2=l2)
+    return ProbeReader(weight, bias, mean, std, spec)
+
+
+def fit_blend(
+    log_odds: torch.Tensor, divergence: torch.Tensor, labels: torch.Tensor, *, l2: float = 1e-3
+) -> FirstStepBlend:
+    """The :class:`~ngsd_guard.reflection.FirstStepBlend` of (N,) probe log-odds and (N,)
+    ``D_0`` that best separates ``labels`` (1 = harmful), class-balanced."""
+    weight, bias = _logistic(torch.stack([log_odds, divergence], -1).float(), labels, l2=l2)
+    return FirstStepBlend(
+        probe_weight=float(weight[0]), divergence_weight=float(weight[1]), bias=float(bias)
+    )
+
+
+def _logistic(
+    z: torch.Tensor, labels: torch.Tensor, *, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (F,), bias ()) minimising the class-balanced logistic loss on (N, F) ``z`` plus
+    ``l2 * |weight|^2``, by L-BFGS."""
+    y = labels.float()
     positive = y.mean().clamp(1e-3, 1 - 1e-3)
     sample_weight = torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive))
-    weight = torch.zeros(x.shape[1], requires_grad=True)
+    weight = torch.zeros(z.shape[1], requires_grad=True)
     bias = torch.zeros((), requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe"
@@ -82,7 +103,7 @@ def fit_probe(
         return loss
 
     optimizer.step(closure)
-    return ProbeReader(weight.detach(), bias.detach(), mean, std, spec)
+    return weight.detach(), bias.detach()
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
