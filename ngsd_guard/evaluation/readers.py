@@ -4,8 +4,9 @@
 [--contexts all]`` prints, per reader, the AUC of harmful (advbench-test, xstest-unsafe) vs
 benign (alpaca, xstest-safe) requests, per context too, the share of each set read as high
 risk (above the shipped policy's threshold), the mean risk per set, and the JSON reader's
-parse failures. The default model and the shipped probe are used: ``probe`` alone, and ``blend``, the probe blended with the
-expert's first disagreement ``D_0`` as the shipped policy reads risk.
+parse failures. The default model and the shipped probe are used: ``probe`` alone, and
+``blend``, the probe blended with the expert's first disagreement ``D_0`` as the shipped policy
+reads risk.
 """
 
 from __future__ import annotations
