@@ -107,12 +107,6 @@ class GuardedLM:
         self._eos_ids = list(eos_ids)
         if not self._eos_ids:
             raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token")
-        features = self._policy_features
-        if expert is None and features is not None and features.reads_expert:
-            raise ConfigError(
-                f"the alpha policy reads {features}, whose tv@0 needs an expert; pass an expert "
-                "or a policy without tv@0"
-            )
         if getattr(tokenizer, "backend_tokenizer", None) is None:
             raise IncompatibleTokenizerError(
                 f"the tokenizer ({type(tokenizer).__name__}) has no `tokenizers` backend, which "

@@ -188,3 +188,19 @@ def test_compare_readers_scores_auc_and_high_share():
     assert row["auc"] == 1.0
     assert row["high_advbench-test"] == 1.0 and row["high_alpaca"] == 0.0
     assert row["auc_multiturn"] == 1.0
+
+
+def test_eval_reads_risk_as_the_shipped_policy_does_unless_told_not_to_blend():
+    from ngsd_guard.cli import build_parser
+    from ngsd_guard.evaluation.command import build_policy
+    from ngsd_guard.reflection import default_policy
+
+    shipped = default_policy()
+    if shipped is None:
+        pytest.skip("no shipped probe")
+    policy = build_policy(build_parser().parse_args(["eval"]))
+    assert policy.reader.blend == shipped.reader.blend is not None
+    assert str(policy.features) == str(shipped.features) == "last@30+mean@18+tv@0"
+    assert policy.risk_map == shipped.risk_map
+    alone = build_policy(build_parser().parse_args(["eval", "--no-blend"]))
+    assert alone.reader.blend is None and str(alone.features) == "last@30+mean@18"

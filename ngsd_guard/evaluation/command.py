@@ -62,6 +62,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="default: the probe when the expert has one, else fixed; fixed uses --alpha",
     )
     policy.add_argument("--probe", type=Path, help="probe.safetensors (default: the expert's)")
+    policy.add_argument(
+        "--no-blend",
+        action="store_true",
+        help="read risk by the probe alone, not blended with the expert's D_0 as policy.json says",
+    )
     policy.add_argument("--risk-high", type=float, default=None)
     policy.add_argument("--risk-low", type=float, default=None)
     policy.add_argument("--alpha-high", type=float, default=None)
@@ -89,6 +94,7 @@ def build_policy(args: argparse.Namespace):
         LogprobReader,
         ProbeReader,
         ReflectionAlpha,
+        load_blend,
         load_risk_map,
     )
 
@@ -122,7 +128,9 @@ def build_policy(args: argparse.Namespace):
     risk_map = load_risk_map(probe.parent).model_copy(update=updates)
     risk_map = type(risk_map)(**risk_map.model_dump())  # re-validate
     reader = {
-        "probe": lambda: ProbeReader.load(probe),
+        "probe": lambda: ProbeReader.load(probe).blended(
+            None if args.no_blend else load_blend(probe.parent)
+        ),
         "reflect-json": JsonReader,
         "reflect-logprob": LogprobReader,
     }[name]()
