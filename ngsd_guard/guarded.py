@@ -540,6 +540,11 @@ class GuardedLM:
         return getattr(policy, "features", None)
 
 
+def _unguarded(requests: Sequence[str], features: torch.Tensor) -> list[Assessment]:
+    """The base alone reads no risk: alpha 0, no escalation (there is no expert)."""
+    return [Assessment(alpha=0.0) for _ in requests]
+
+
 def _check_text(text: str) -> None:
     if not isinstance(text, str) or not text.strip():
         raise PromptError("`prompt` is empty; pass a non-empty string or message list")
@@ -605,8 +610,8 @@ class BatchStream:
             else lm.config.model_copy(update={"max_stream_delay": None}),
             tokenizer=lm.tokenizer,
             eos_ids=lm._eos_ids,
-            assess=lm._assess,
-            features=lm._policy_features,
+            assess=lm._assess if guard else _unguarded,
+            features=lm._policy_features if guard else None,
         )
         for request in requests:
             self.add(request)
