@@ -35,7 +35,8 @@ FIRST_DIVERGENCE = ("tv", 0)
 
 @dataclass(frozen=True)
 class PromptFeatures:
-    """The pooled hidden states a probe reads; see the module docstring.
+    """What a probe reads from the prefills (pooled hidden states, ``D_0``); see the module
+    docstring.
 
     >>> PromptFeatures.parse("last@30+mean@18+tv@0").terms
     (('last', 30), ('mean', 18), ('tv', 0))
