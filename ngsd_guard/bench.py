@@ -1,6 +1,9 @@
 """``ngsd-guard bench``: what a person feels, guarded decoding against the base alone.
 
-Every figure comes with the base alone measured in the same run, prompt by prompt, alternating:
+Every figure comes with the base alone measured in the same run, prompt by prompt, alternating.
+The guarded side is the model as a user gets it: with the shipped expert, its alpha policy
+(``GuardedLM.from_default()``; ``--alpha`` fixes the expert weight instead, the worst case
+when it is high, since every spike may then replace a token and cut a window).
 
 * **streaming** (``lm.stream``, 64 new tokens; the base alone is ``guard=False``): time to the
   first token and the longest gap between two streamed tokens, in ms and as ``ttft_ratio``
@@ -15,7 +18,8 @@ Every figure comes with the base alone measured in the same run, prompt by promp
 * **batched throughput** at batch 8 on benign prompts (``generate`` with left padding against
   ``generate_batch``): ``throughput_ratio = guarded tokens/s / base tokens/s``;
 * **the reference NGSD decoding style** (both models over the whole prefix at every step,
-  batch 1, no cache, as the paper's code does) at 256 tokens: ``speedup`` of the engine;
+  batch 1, no cache, as the paper's code does) at 256 tokens, both at the alpha the policy
+  reads for the prompt: ``speedup`` of the engine;
 * optionally (``--delays``) streaming at several ``max_stream_delay``: the trade-off between
   the longest gap and the streams' ``time_ratio``.
 
@@ -84,14 +88,20 @@ def _adapter_for(base: Path, workdir: Path) -> tuple[Path, str]:
 
 
 def _load(kind: str, base: Path, adapter: Path | None, args: argparse.Namespace) -> GuardedLM:
+    """The guarded model as a user gets it: with the shipped expert, its alpha policy (what
+    ``GuardedLM.from_default()`` gives), unless ``--alpha`` fixes the expert weight."""
     from .cli import config_from_args
+    from .reflection import default_policy
 
+    adapter = adapter if kind == "lora" else None
+    shipped = adapter is not None and adapter.resolve() == _SHIPPED_EXPERT.resolve()
     return GuardedLM.from_pretrained(
         base,
-        adapter=adapter if kind == "lora" else None,
+        adapter=adapter,
         device=args.device,
         dtype=args.dtype,
         config=config_from_args(args),
+        alpha_policy=default_policy() if shipped and args.alpha is None else None,
     )
 
 
@@ -281,14 +291,15 @@ def measure_batch(lm: GuardedLM, args: argparse.Namespace) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def reference_generate(lm: GuardedLM, prompt: str, max_new_tokens: int) -> list[int]:
+def reference_generate(lm: GuardedLM, prompt: str, max_new_tokens: int, alpha: float) -> list[int]:
     """NGSD as the paper's code decodes: greedy, batch 1, no KV cache, both models run over the
-    whole prefix at every step, the gate and the mix on the last position."""
+    whole prefix at every step, the gate and the mix (at a fixed ``alpha``) on the last
+    position."""
     tokens = lm.encode_prompt(prompt)
     config = lm.config
     gate = make_gate(config.gate)
     divergence = DIVERGENCES[config.divergence]
-    alpha = torch.tensor([config.intervention.alpha])
+    weight = torch.tensor([alpha])
     state = gate.initial_state(1, lm.device)
     generated: list[int] = []
     vocab = len(lm.tokenizer)
@@ -299,7 +310,7 @@ def reference_generate(lm: GuardedLM, prompt: str, max_new_tokens: int) -> list[
         p_expert = torch.softmax(lm.expert_model(expert_ids).logits[:, -1, :vocab].float(), -1)
         state, _, spiked = gate.step(state, divergence(p_base, p_expert))
         if bool(spiked):
-            token = int(intervene(p_base, p_expert, alpha, config.intervention.top_k).argmax())
+            token = int(intervene(p_base, p_expert, weight, config.intervention.top_k).argmax())
         else:
             token = int(p_base.argmax())
         generated.append(token)
@@ -309,12 +320,14 @@ def reference_generate(lm: GuardedLM, prompt: str, max_new_tokens: int) -> list[
 
 
 def measure_reference(lm: GuardedLM, args: argparse.Namespace) -> dict[str, Any]:
-    """Seconds per token of the reference decoding style against the engine (fixed alpha)."""
+    """Seconds per token of the reference decoding style against the engine, both at the
+    alpha the model's policy reads for the prompt (``config.intervention.alpha`` without a
+    policy), fixed, so that both decode the same tokens."""
     prompt, count = BENCH_PROMPTS[0], args.reference_tokens
-    alpha = lm.config.intervention.alpha
+    alpha = lm.generate(prompt, max_new_tokens=1).summary.alpha
     _sync(lm.device)
     started = time.perf_counter()
-    reference = reference_generate(lm, prompt, count)
+    reference = reference_generate(lm, prompt, count, alpha)
     _sync(lm.device)
     middle = time.perf_counter()
     guarded = lm.generate(prompt, max_new_tokens=count, alpha=alpha)
@@ -323,6 +336,7 @@ def measure_reference(lm: GuardedLM, args: argparse.Namespace) -> dict[str, Any]
     guarded_rate = (time.perf_counter() - middle) / guarded.summary.tokens
     return {
         "max_new_tokens": count,
+        "alpha": alpha,
         "reference_tokens": len(reference),
         "guarded_tokens": guarded.summary.tokens,
         "reference_s_per_token": reference_rate,
@@ -401,7 +415,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "adapter": origin,
                 "device": str(lm.device),
                 "dtype": str(next(lm.base_model.parameters()).dtype).removeprefix("torch."),
+                "alpha_policy": type(lm.alpha_policy).__name__ if lm.alpha_policy else "fixed",
+                "alpha": lm.config.intervention.alpha if lm.alpha_policy is None else None,
                 "window": lm.config.window,
+                "quiet_window": lm.config.quiet_window,
                 "max_stream_delay": lm.config.max_stream_delay,
                 "repeats": args.repeats,
             }

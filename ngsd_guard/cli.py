@@ -49,6 +49,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="tokens the base drafts before the expert verifies them (1: step by step)",
     )
     gate.add_argument(
+        "--quiet-window",
+        type=int,
+        default=GuardConfig.model_fields["quiet_window"].default,
+        help="the window's cap while a row's alpha is 0",
+    )
+    gate.add_argument(
         "--max-stream-delay",
         type=lambda text: None if text == "none" else float(text),
         default=GuardConfig.model_fields["max_stream_delay"].default,
@@ -84,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
             seed=args.seed,
         ),
         window=args.window,
+        quiet_window=args.quiet_window,
         max_stream_delay=args.max_stream_delay,
     )
 

@@ -85,11 +85,14 @@ class GuardConfig(_Frozen):
     """Everything that shapes one guarded decode.
 
     ``window`` is the most tokens a row's base drafts before the expert verifies them in one
-    forward; ``window=1`` is step-by-step NGSD. A row's window starts at 1, doubles while the
-    gate is quiet and halves after an intervention; ``max_stream_delay`` caps it in time: a
-    row is verified before its oldest drafted token would wait longer than that to be
-    streamed (the wait is predicted from the step times measured during the call). Every
-    schedule gives the same tokens.
+    forward; ``window=1`` is step-by-step NGSD. ``quiet_window`` replaces it while the row's
+    expert weight is 0 (a request the alpha policy read as benign, before any escalation):
+    a greedy row's token cannot change then, so only a longer forward is at stake. A row's
+    window starts at its cap (at most 4 when its alpha is above 0), doubles after a
+    verification that kept every draft and halves after an intervention;
+    ``max_stream_delay`` caps it in time: a row is verified before its oldest drafted token
+    would wait longer than that to be streamed (the wait is predicted from the step times
+    measured during the call). Every schedule gives the same tokens.
     """
 
     divergence: DivergenceName = "tv"
@@ -97,6 +100,9 @@ class GuardConfig(_Frozen):
     intervention: InterventionConfig = InterventionConfig()
     decoding: DecodingConfig = DecodingConfig()
     window: int = Field(16, ge=1, le=64, description="most tokens drafted per verification")
+    quiet_window: int = Field(
+        64, ge=1, le=256, description="most tokens drafted per verification while alpha is 0"
+    )
     max_stream_delay: float | None = Field(
         0.3, gt=0, description="seconds a drafted token may wait to be streamed; None: no bound"
     )

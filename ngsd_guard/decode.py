@@ -14,8 +14,9 @@ Every iteration, for all active rows at once:
    later draft leaves both caches (and the matcher rewinds them).
 3. *Step*: the base is fed each row's newest token, one forward for the batch.
 
-A row is due when it holds ``window`` drafts (its own window: ``config.window`` at first,
-halved after an intervention, doubled after a quiet verification), when it cannot draft
+A row is due when it holds ``window`` drafts (its own window, :meth:`Decoder._next_window`:
+capped by ``config.window``, or by ``config.quiet_window`` while its alpha is 0; halved after
+an intervention, doubled after a verification that kept every draft), when it cannot draft
 further (EOS, a complete constraint, the token budget), or when waiting one more step would
 keep it silent for longer than ``config.max_stream_delay``, predicted from the step and
 verification times measured in the call. A verification covers every row's oldest drafts,
@@ -59,6 +60,10 @@ Assess = Callable[[Sequence[str], torch.Tensor], Sequence[Assessment]]
 (:mod:`ngsd_guard.features`), or (N, 0) when the policy reads none) -> one Assessment
 (alpha, risk, potential, escalation) each."""
 
+
+FIRST_ACTIVE_WINDOW = 4
+"""The first window of a row whose alpha is above 0: an intervention early in the answer (a
+refusal's opening) then wastes few drafts."""
 
 OVERLAP_MAX_TOKENS = 16
 """A verification feeding at most this many tokens (all rows together) runs beside the base's
@@ -127,6 +132,7 @@ class Decoder:
         self.gate = make_gate(config.gate)
         self.divergence = DIVERGENCES[config.divergence]
         self.max_window = config.window if expert is not None else 1
+        self.quiet_window = config.quiet_window if expert is not None else 1
         self.results: dict[int, RowResult] = {}
         self._timing = _Timing()
         self._lock = threading.Lock()
@@ -260,7 +266,8 @@ class Decoder:
                 started=admitted,
                 next_logits=base_pre.logits[i],
                 expert_logits=expert_pre.logits[i] if expert_pre is not None else None,
-                window=self.max_window,
+                window=self._first_window(assessment.alpha),
+                quiet=assessment.alpha == 0.0,
                 streamed_at=admitted,
             )
             for i, (spec, assessment) in enumerate(zip(specs, assessments, strict=True))
@@ -281,6 +288,18 @@ class Decoder:
         self._schedule = self._schedule.cat(schedule)
         self._dissents = torch.cat([self._dissents, dissents])
         self._sampling = self._sampling.cat(sampling)
+
+    def _first_window(self, alpha: float) -> int:
+        """A new row's window: its cap, or at most FIRST_ACTIVE_WINDOW when alpha is above 0."""
+        if alpha == 0.0:
+            return self.quiet_window
+        return min(self.max_window, FIRST_ACTIVE_WINDOW)
+
+    def _next_window(self, row: Row, cut: bool) -> int:
+        """The row's window after a verification: halved after an intervention, else doubled,
+        within its cap (``quiet_window`` while its alpha is 0, else ``window``)."""
+        cap = self.quiet_window if row.quiet else self.max_window
+        return min(cap, max(1, row.window // 2) if cut else row.window * 2)
 
     def _assessments(
         self, specs: Sequence[RowSpec], features: torch.Tensor | None
@@ -419,8 +438,8 @@ class Decoder:
         out = self._expert_side.feed(job.tokens, job.lengths) if job.fed else job.base_logits[:, :0]
         expert_logits = job.expert_logits(out)
         result = replay(
-            p_base=torch.softmax(job.base_logits, -1),
-            p_expert=torch.softmax(expert_logits, -1),
+            base_logits=job.base_logits,
+            expert_logits=expert_logits,
             draft=job.draft,
             valid=job.valid,
             state=self._state,
@@ -462,7 +481,9 @@ class Decoder:
                 if reason is not None:
                     break
             row.pending = [] if cut else pending[m:]
-            row.window = max(1, row.window // 2) if cut else min(self.max_window, row.window * 2)
+            if table.kept[r]:  # escalated: the row's cap drops to ``window``
+                row.quiet = table.alpha[r][table.kept[r] - 1] == 0.0
+            row.window = self._next_window(row, cut)
             row.streamed_at = now
         self._base_side.reclaim()
         self._expert_side.reclaim()

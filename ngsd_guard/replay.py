@@ -2,7 +2,7 @@
 the first one that does not.
 
 Every row of the window holds the base's drafts ``y_0 .. y_{m-1}`` (``m`` may differ per row:
-positions past it are padding) with both models' distributions at each position. Per position
+positions past it are padding) with both models' logits at each position. Per position
 ``i``, in order: ``D_i = divergence(p_b, p_e)``; the gate steps on ``D_i``; where it spikes, the
 token is chosen from ``s = p_b + alpha_i (p_e - p_b)`` on ``top-k(p_b) ∪ top-k(p_e)``, with
 ``alpha_i`` the row's alpha escalated by its dissents so far (spikes where the expert's most
@@ -24,6 +24,10 @@ from .divergence import Divergence
 from .gate import Gate, GateState
 from .intervention import intervene
 from .sampling import SamplingParams, choose
+
+CHUNK_POSITIONS = 8
+"""The distributions of this many (row, position) pairs are formed at a time: the replay's
+memory is then two (B, T, V) logit tensors, not six."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,8 @@ class WindowResult:
 @torch.no_grad()
 def replay(
     *,
-    p_base: torch.Tensor,
-    p_expert: torch.Tensor,
+    base_logits: torch.Tensor,
+    expert_logits: torch.Tensor,
     draft: torch.Tensor,
     valid: torch.Tensor,
     state: GateState,
@@ -70,7 +74,8 @@ def replay(
     """Run the gate over a window and decide which drafts survive.
 
     Args:
-        p_base, p_expert: (B, T, V) fp32 next-token distributions at each window position.
+        base_logits, expert_logits: (B, T, V) fp32 next-token logits at each window position
+            (``-inf`` where a constraint forbids a token); ``p = softmax(logits)``.
         draft: (B, T) the base's drafted tokens. valid: (B, T) bool, False on padding (a
             row may have no valid position: it keeps nothing and its state).
         state: the gate state before the window, (B,) tensors.
@@ -79,12 +84,11 @@ def replay(
         sampling: each row's sampling settings. top_k: k of the candidate union.
         eos: (E,) the token ids that end a row.
     """
-    rows, width, vocab = p_base.shape
-    device = p_base.device
+    rows, width, vocab = base_logits.shape
+    device = base_logits.device
     valid = valid.to(device)
     draft = draft.to(device)
-    d = divergence(p_base.reshape(-1, vocab), p_expert.reshape(-1, vocab)).view(rows, width)
-    expert_p, expert_token = p_expert.max(-1)  # (B, T) each
+    d, expert_p, expert_token = _position_stats(base_logits, expert_logits, divergence)
     confident = (expert_token != draft) & (expert_p >= schedule.dissent_confidence.unsqueeze(1))
     states, potentials, spikes, alphas, counts = [], [], [], [], []
     current, tally = state, dissents.to(device)
@@ -101,7 +105,9 @@ def replay(
     chosen = draft.clone()
     if bool(spiked.any()):
         where = spiked.nonzero(as_tuple=True)
-        mixed = intervene(p_base[where], p_expert[where], alpha[where], top_k)
+        p_base = torch.softmax(base_logits[where], -1)  # (S, V) at the S spikes
+        p_expert = torch.softmax(expert_logits[where], -1)
+        mixed = intervene(p_base, p_expert, alpha[where], top_k)
         picks = choose(mixed, u.to(device)[where], sampling.rows(where[0].cpu()))
         chosen[where] = picks
     intervened = spiked & (chosen != draft)
@@ -131,3 +137,24 @@ def replay(
         state=new_state,
         dissents=torch.where(count > 0, kept_dissents, dissents.to(device)),
     )
+
+
+def _position_stats(
+    base_logits: torch.Tensor, expert_logits: torch.Tensor, divergence: Divergence
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T) each: ``D(p_b, p_e)``, the expert's top probability and its token, with the
+    distributions formed :data:`CHUNK_POSITIONS` (row, position) pairs at a time."""
+    rows, width, vocab = base_logits.shape
+    flat_base = base_logits.reshape(-1, vocab)
+    flat_expert = expert_logits.reshape(-1, vocab)
+    d = flat_base.new_empty(rows * width)
+    expert_p = flat_base.new_empty(rows * width)
+    expert_token = torch.empty(rows * width, dtype=torch.long, device=base_logits.device)
+    for start in range(0, rows * width, CHUNK_POSITIONS):
+        part = slice(start, start + CHUNK_POSITIONS)
+        p_base = torch.softmax(flat_base[part], -1)
+        p_expert = torch.softmax(flat_expert[part], -1)
+        d[part] = divergence(p_base, p_expert)
+        expert_p[part], expert_token[part] = p_expert.max(-1)
+    shape = (rows, width)
+    return d.view(shape), expert_p.view(shape), expert_token.view(shape)

@@ -50,10 +50,19 @@ class Draft:
     """A token the base drafted that the expert has not verified yet."""
 
     token: int
-    logits: torch.Tensor  # (V,) the base's logits it was chosen from (masked if constrained)
+    logits: torch.Tensor | None  # (V,) the base's logits it was chosen from (masked if
+    # constrained); None once a verification has taken them
     allowed: torch.Tensor | None  # (V,) bool: the constraint's mask there
     accepted: bool  # the matcher took it (every draft but EOS on a constrained row)
     complete: bool  # the matcher was complete after it
+
+    def take_logits(self) -> torch.Tensor:
+        """The draft's logits, released here: a draft is verified once, and its logits
+        would otherwise stay in memory beside the verification's copy."""
+        logits, self.logits = self.logits, None
+        if logits is None:
+            raise RuntimeError("this draft's logits were already taken by a verification")
+        return logits
 
 
 @dataclass
@@ -75,6 +84,7 @@ class Row:
     next_logits: torch.Tensor  # (V,)
     expert_logits: torch.Tensor | None  # (V,)
     window: int  # drafts to hold before asking for a verification
+    quiet: bool  # its expert weight is 0 (before any escalation): the quiet window caps it
     streamed_at: float  # when the row last released tokens (admission, before the first)
     fresh: bool = True
     tokens: list[int] = field(default_factory=list)

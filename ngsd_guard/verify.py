@@ -61,7 +61,8 @@ class Verification:
             if m == 0:
                 continue
             drafts = row.pending[:m]
-            base_logits[r, :m] = torch.stack([d.logits for d in drafts])
+            for j, d in enumerate(drafts):
+                base_logits[r, j] = d.take_logits()
             draft[r, :m] = torch.tensor([d.token for d in drafts])
             valid[r, :m] = True
             index[r] = (len(row.tokens) + torch.arange(width)).clamp_max(len(row.u) - 1)
@@ -95,7 +96,14 @@ class Verification:
 
     def expert_logits(self, out: torch.Tensor) -> torch.Tensor:
         """(B, M, V) the expert's logits at each verified draft, from its forward's output
-        (B, F, V) and the prefill's scores of first drafts; masked like the base's."""
+        (B, F, V) and the prefill's scores of first drafts; masked like the base's (positions
+        past a row's count are arbitrary: the replay ignores them)."""
+        width = self.base_logits.shape[1]
+        if all(first is None for first in self.expert_first) and out.shape[1] >= width:
+            logits = out[:, :width]  # no copy: the common case, every draft fed
+            if self.masks is not None:
+                logits = logits.masked_fill(~self.masks.to(logits.device), float("-inf"))
+            return logits
         logits = torch.zeros_like(self.base_logits)
         for r, (m, first) in enumerate(zip(self.counts, self.expert_first, strict=True)):
             if m == 0:

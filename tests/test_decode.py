@@ -10,6 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from ngsd_guard import GateConfig, GenerationRequest, GuardConfig, GuardedLM, InterventionConfig
+from ngsd_guard.alpha import Assessment
+from ngsd_guard.decode import FIRST_ACTIVE_WINDOW, Decoder
 
 PROMPTS = ["Tell me a story about a dragon.", "Hi", "What is the capital of France, please?"]
 
@@ -399,3 +401,54 @@ def test_constrained_windowed_equals_step_by_step(tiny_base, tiny_expert, tokeni
         assert all(
             1000 + 100 * (j % 3) <= t < 1100 + 100 * (j % 3) for j, t in enumerate(a.token_ids)
         )
+
+
+class _QuietThenEscalating:
+    """Every row: alpha 0 (quiet), escalating to 0.9 after ``after`` dissents."""
+
+    features = None
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def assess(self, lm, requests, features):
+        quiet = Assessment(alpha=0.0, escalate_after=self.after, dissent_confidence=0.0)
+        return [quiet for _ in requests]
+
+
+def test_quiet_rows_verify_in_long_windows_until_they_escalate(
+    tiny_base, tiny_expert, tokenizer, monkeypatch
+):
+    """A row at alpha 0 verifies up to ``quiet_window`` drafts at once; once it escalates,
+    ``window`` caps it; a row whose alpha is above 0 starts small. Same tokens as window 1."""
+    jobs = []  # (first verified token index, drafts verified) of row 0, per verification
+    verify = Decoder._verify
+
+    def spy(self, job):
+        jobs.append((len(job.rows[0].tokens), job.counts[0]))
+        return verify(self, job)
+
+    monkeypatch.setattr(Decoder, "_verify", spy)
+    config = GuardConfig(gate=GateConfig(threshold=0.0, tau=2.0), window=2, quiet_window=16)
+    lm = GuardedLM.from_models(
+        tiny_base,
+        tokenizer,
+        expert=tiny_expert,
+        config=config,
+        alpha_policy=_QuietThenEscalating(6),
+    )
+    got = lm.generate(PROMPTS[0], max_new_tokens=40)
+    escalated = next(i for i, r in enumerate(got.records) if r.alpha > 0)
+    assert 5 <= escalated < 30 and got.summary.intervened > 0
+    assert max(count for start, count in jobs if start <= escalated) > config.window
+    assert all(count <= config.window for start, count in jobs if start > escalated)
+    step = lm.with_options(config=config.model_copy(update={"window": 1, "quiet_window": 1}))
+    want = step.generate(PROMPTS[0], max_new_tokens=40)
+    assert got.token_ids == want.token_ids
+    assert [r.alpha for r in got.records] == [r.alpha for r in want.records]
+
+    jobs.clear()
+    active = guarded(tiny_base, tokenizer, tiny_expert, gate=GateConfig(threshold=0.0), window=16)
+    active.generate(PROMPTS[0], max_new_tokens=12, alpha=0.5)
+    assert jobs[0][1] == 1  # the first draft, scored by the prefill
+    assert jobs[1][1] <= FIRST_ACTIVE_WINDOW
