@@ -541,7 +541,7 @@ class GuardedLM:
 
 
 def _unguarded(requests: Sequence[str], features: torch.Tensor) -> list[Assessment]:
-    """The base alone reads no risk: alpha 0, no escalation (there is no expert)."""
+    """The base alone, under a policy that reads the expert (``tv@0``): no risk, alpha 0."""
     return [Assessment(alpha=0.0) for _ in requests]
 
 
@@ -602,6 +602,9 @@ class BatchStream:
         self._records: list[list[StepRecord]] = []
         self._generations: list[Generation] | None = None
         expert = lm._expert if guard else None
+        features = lm._policy_features
+        # the base alone reads risk as the guarded model would, unless that needs the expert
+        unread = not guard and features is not None and features.reads_expert
         self._decoder = Decoder(
             base=lm._base,
             expert=expert,
@@ -610,8 +613,8 @@ class BatchStream:
             else lm.config.model_copy(update={"max_stream_delay": None}),
             tokenizer=lm.tokenizer,
             eos_ids=lm._eos_ids,
-            assess=lm._assess if guard else _unguarded,
-            features=lm._policy_features if guard else None,
+            assess=_unguarded if unread else lm._assess,
+            features=None if unread else features,
         )
         for request in requests:
             self.add(request)
