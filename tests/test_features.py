@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ngsd_guard import GuardedLM
+from ngsd_guard.alpha import Assessment
 from ngsd_guard.errors import ConfigError
 from ngsd_guard.experts import without_adapters
 from ngsd_guard.features import PromptFeatures, capture_layers, first_divergence
@@ -71,45 +72,38 @@ def test_engine_reads_the_same_features_batched_and_alone(tiny_base, tokenizer):
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
 
 
+class Recording:
+    """An alpha policy that reads ``spec`` and keeps what it was given (alpha 0)."""
+
+    def __init__(self, spec: PromptFeatures) -> None:
+        self.features, self.seen = spec, []
+
+    def assess(self, lm, requests, features):
+        self.seen.append(features)
+        return [Assessment(alpha=0.0) for _ in requests]
+
+
 def test_the_policy_sees_the_features_of_the_prefill(tiny_base, tokenizer):
     spec = PromptFeatures.parse("mean@1")
-    seen = []
-
-    class Recording:
-        features = spec
-
-        def assess(self, lm, requests, features):
-            from ngsd_guard.alpha import Assessment
-
-            seen.append(features)
-            return [Assessment(alpha=0.0) for _ in requests]
-
-    lm = GuardedLM.from_models(tiny_base, tokenizer, alpha_policy=Recording())
+    policy = Recording(spec)
+    lm = GuardedLM.from_models(tiny_base, tokenizer, alpha_policy=policy)
     prompts = ["Tell me a story.", "How are you?"]
     lm.generate_batch(prompts, max_new_tokens=2)
-    torch.testing.assert_close(seen[0], lm.read_features(prompts, spec), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        policy.seen[0], lm.read_features(prompts, spec), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_tv_at_0_reads_the_two_prefills_and_decoding_sees_the_same(
     tiny_base, tiny_expert, tokenizer
 ):
     spec = PromptFeatures.parse("mean@1+tv@0")
-    seen = []
-
-    class Recording:
-        features = spec
-
-        def assess(self, lm, requests, features):
-            from ngsd_guard.alpha import Assessment
-
-            seen.append(features)
-            return [Assessment(alpha=0.0) for _ in requests]
-
-    lm = GuardedLM.from_models(tiny_base, tokenizer, expert=tiny_expert, alpha_policy=Recording())
+    policy = Recording(spec)
+    lm = GuardedLM.from_models(tiny_base, tokenizer, expert=tiny_expert, alpha_policy=policy)
     prompts = ["Tell me a story.", "How are you?"]
     lm.generate_batch(prompts, max_new_tokens=2)
     read = lm.read_features(prompts, spec)
-    torch.testing.assert_close(seen[0], read, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(policy.seen[0], read, atol=1e-4, rtol=1e-4)
     texts = [lm.render(p) for p in prompts]
     plain = GuardedLM.from_models(tiny_base, tokenizer)
     alone = GuardedLM.from_models(tiny_expert, tokenizer)
