@@ -455,14 +455,20 @@ def load_blend(directory: str | Path) -> FirstStepBlend | None:
     return FirstStepBlend(**blend) if blend is not None else None
 
 
+def load_probe(path: str | Path, *, blend: bool = True) -> ProbeReader:
+    """An expert directory's probe, read through the blend of its ``policy.json`` (as the
+    expert's policy reads risk); ``blend=False``: the probe alone."""
+    path = Path(path)
+    return ProbeReader.load(path).blended(load_blend(path.parent) if blend else None)
+
+
 def default_policy(probe: str | Path | None = None) -> ReflectionAlpha | None:
     """The probe policy of an expert directory's probe (default: the shipped expert's), with
     the blend and risk map of its ``policy.json``; None when there is no probe file."""
     path = Path(probe) if probe is not None else SHIPPED_PROBE
     if not path.is_file():
         return None
-    reader = ProbeReader.load(path).blended(load_blend(path.parent))
-    return ReflectionAlpha(reader, load_risk_map(path.parent))
+    return ReflectionAlpha(load_probe(path), load_risk_map(path.parent))
 
 
 def risk_json(scores: dict[str, float]) -> str:

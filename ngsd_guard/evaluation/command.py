@@ -92,9 +92,8 @@ def build_policy(args: argparse.Namespace):
         SHIPPED_PROBE,
         JsonReader,
         LogprobReader,
-        ProbeReader,
         ReflectionAlpha,
-        load_blend,
+        load_probe,
         load_risk_map,
     )
 
@@ -128,9 +127,7 @@ def build_policy(args: argparse.Namespace):
     risk_map = load_risk_map(probe.parent).model_copy(update=updates)
     risk_map = type(risk_map)(**risk_map.model_dump())  # re-validate
     reader = {
-        "probe": lambda: ProbeReader.load(probe).blended(
-            None if args.no_blend else load_blend(probe.parent)
-        ),
+        "probe": lambda: load_probe(probe, blend=not args.no_blend),
         "reflect-json": JsonReader,
         "reflect-logprob": LogprobReader,
     }[name]()

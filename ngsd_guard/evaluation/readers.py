@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         SHIPPED_PROBE,
         JsonReader,
         LogprobReader,
-        ProbeReader,
-        load_blend,
+        load_probe,
         load_risk_map,
     )
 
@@ -95,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="bare", help="contexts to read in, or 'all'")
     args = parser.parse_args(argv)
     makers = {
-        "probe": lambda: ProbeReader.load(SHIPPED_PROBE),
-        "blend": lambda: ProbeReader.load(SHIPPED_PROBE).blended(load_blend(SHIPPED_PROBE.parent)),
+        "probe": lambda: load_probe(SHIPPED_PROBE, blend=False),
+        "blend": lambda: load_probe(SHIPPED_PROBE),
         "logprob": LogprobReader,
         "json": JsonReader,
     }
