@@ -32,7 +32,7 @@ from ngsd_guard.training import (
 )
 from ngsd_guard.training.data import PlannedRequest, load_plan, plan_requests, render_ids, save_plan
 from ngsd_guard.training.expert import train_expert
-from ngsd_guard.training.probe import auc, fit_blend
+from ngsd_guard.training.probe import auc, cross_validated_auc, fit_blend
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
@@ -319,3 +319,51 @@ def _summary():
         alpha=0.1,
         seconds=0.1,
     )
+
+
+def test_grouped_folds_keep_a_request_out_of_its_own_training():
+    """The same request in four contexts: scored by a probe that saw its copies, random
+    labels look learnable; with folds grouped by request they do not."""
+    generator = torch.Generator().manual_seed(0)
+    requests = torch.randn(60, 40, generator=generator)
+    labels = (torch.rand(60, generator=generator) > 0.5).float()
+    copies = requests.repeat_interleave(4, 0) + 0.01 * torch.randn(240, 40, generator=generator)
+    spec = PromptFeatures.parse("last@1")
+    groups = [f"request {i}" for i in range(60) for _ in range(4)]
+    ungrouped = cross_validated_auc(copies, labels.repeat_interleave(4), spec)
+    grouped = cross_validated_auc(copies, labels.repeat_interleave(4), spec, groups=groups)
+    assert ungrouped > 0.9 and grouped < 0.7, (ungrouped, grouped)
+
+
+def test_train_probe_refits_the_probe_and_recalibrates_keeping_the_adapter(
+    tokenizer, tmp_path, capsys
+):
+    from ngsd_guard.cli import main
+
+    out, model_dir, plan_path = tmp_path / "expert", tmp_path / "base", tmp_path / "plan.jsonl"
+    train_expert(
+        tiny_llama(6),
+        tokenizer,
+        plan=_tiny_plan() + _held_out_plan(),
+        out=out,
+        base_name="tiny",
+        build=BuildConfig(refusal_tries=1, refusal_tokens=4, compliant_tokens=4, benign_tokens=4),
+        lora=LoraSettings(r=2, lora_alpha=4, epochs=1, batch_size=4),
+        probe=PromptFeatures.parse("last@2+mean@1"),
+    )
+    tiny_llama(6).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    save_plan(_tiny_plan() + _held_out_plan(), plan_path)
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    args = ["train-probe", "--expert-dir", str(out), "--model", str(model_dir)]
+    code = main([*args, "--plan", str(plan_path), "--probe-features", "last@1"])
+    assert code == 0
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+    assert str(ProbeReader.load(out / "probe.safetensors").features) == "last@1"
+    saved = json.loads((out / "training.json").read_text())
+    assert saved["probe"]["features"] == "last@1" and saved["probe"]["harmful"] == 4
+    assert saved["probe"]["command"].startswith("ngsd-guard ")
+    assert saved["calibration"]["held_out"] == 2
+    assert str(default_policy(out / "probe.safetensors").features) == "last@1+tv@0"
+    assert main(["train-probe", "--expert-dir", str(tmp_path), "--plan", str(plan_path)]) == 2
+    assert "holds no peft adapter" in capsys.readouterr().err

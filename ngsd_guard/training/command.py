@@ -86,7 +86,41 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--json", action="store_true", help="print training.json")
     parser.set_defaults(handler=cmd_train_expert)
     _add_calibrate_parser(subparsers)
+    _add_probe_parser(subparsers)
     return parser
+
+
+def _add_probe_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train-probe",
+        help="refit an expert's risk probe (and recalibrate), keeping its adapter",
+        description=(
+            "Plans the training requests in their contexts, reads the base's prompt features, "
+            "fits the hidden-state risk probe on every request outside the calibration slice, "
+            "writes probe.safetensors into --expert-dir, then chooses the blend and risk map "
+            "on the held-out slice as calibrate-expert does. Needs no LoRA training, so it "
+            "runs on a CPU in minutes."
+        ),
+    )
+    parser.add_argument("--expert-dir", type=Path, required=True, help="adapter dir to update")
+    parser.add_argument("--model", help="base model dir or cached hub id (default: embedded)")
+    parser.add_argument("--plan", type=Path, help="the training plan (default: planned anew)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: ../shared/data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--benign-limit", type=int, default=400, help="AlpacaEval anchors (100+)")
+    parser.add_argument(
+        "--harmful-contexts", type=int, default=4, help="contexts drawn per harmful request"
+    )
+    parser.add_argument(
+        "--benign-contexts", type=int, default=4, help="contexts drawn per benign request"
+    )
+    parser.add_argument("--probe-features", default="last@30+mean@18", help="as for train-expert")
+    parser.add_argument("--max-benign-high", type=float, default=0.01)
+    parser.add_argument("--max-benign-escalated", type=float, default=0.05)
+    parser.add_argument("--no-calibrate", action="store_true", help="only refit the probe")
+    parser.set_defaults(handler=cmd_train_probe)
 
 
 def _add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -120,13 +154,9 @@ def cmd_calibrate_expert(args: argparse.Namespace) -> int:
     from ..loading import default_model_dir
     from ..reflection import ProbeReader
     from .calibrate import calibrate, is_holdout
-    from .data import BuildConfig, load_plan, load_seeds, plan_requests
+    from .data import BuildConfig
 
-    if args.plan is not None:
-        plan = load_plan(args.plan)
-    else:
-        seeds = load_seeds(args.data_dir or default_data_dir())
-        plan = plan_requests(seeds, BuildConfig(seed=args.seed))
+    plan = _read_plan(args, BuildConfig(seed=args.seed))
     holdout = [p for p in plan if is_holdout(p.conversation.request)]
     lm = GuardedLM.from_pretrained(
         args.model or default_model_dir(), adapter=args.expert_dir, device=args.device
@@ -146,6 +176,77 @@ def cmd_calibrate_expert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_plan(args: argparse.Namespace, build):
+    """``--plan`` if given, else the training requests planned anew under ``build``."""
+    from .data import load_plan, load_seeds, plan_requests
+
+    if args.plan is not None:
+        return load_plan(args.plan)
+    seeds = load_seeds(
+        args.data_dir or default_data_dir(),
+        benign_limit=getattr(args, "benign_limit", 400),
+        harmful_limit=getattr(args, "harmful_limit", None),
+    )
+    return plan_requests(seeds, build)
+
+
+def cmd_train_probe(args: argparse.Namespace) -> int:
+    from ..features import PromptFeatures
+    from ..guarded import GuardedLM
+    from ..loading import DEFAULT_MODEL_NAME, default_model_dir
+    from ..reflection import ProbeReader
+    from .calibrate import calibrate, is_holdout
+    from .data import BuildConfig
+    from .expert import PROBE_FILE, RECORD_FILE, train_probe
+
+    if not (args.expert_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"`--expert-dir` (={str(args.expert_dir)!r}) holds no peft adapter")
+    build = BuildConfig(
+        seed=args.seed,
+        harmful_contexts=args.harmful_contexts,
+        benign_contexts=args.benign_contexts,
+    )
+    plan = _read_plan(args, build)
+    holdout = [p for p in plan if is_holdout(p.conversation.request)]
+    train = [p for p in plan if not is_holdout(p.conversation.request)]
+    lm = GuardedLM.from_pretrained(
+        args.model or default_model_dir(), adapter=args.expert_dir, device=args.device
+    )
+    probe = train_probe(
+        lm,
+        train,
+        PromptFeatures.parse(args.probe_features),
+        args.expert_dir,
+        base_name=Path(str(args.model)).name if args.model else DEFAULT_MODEL_NAME,
+        batch_size=args.batch_size,
+    )
+    probe["command"] = "ngsd-guard " + shlex.join(sys.argv[1:])
+    probe["planned_requests"] = len(plan)
+    probe["contexts_per_request"] = {
+        "harmful": args.harmful_contexts,
+        "benign": args.benign_contexts,
+    }
+    record_path = args.expert_dir / RECORD_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record["probe"] = probe
+    if not args.no_calibrate:
+        result = calibrate(
+            lm,
+            ProbeReader.load(args.expert_dir / PROBE_FILE),
+            holdout,
+            batch_size=args.batch_size,
+            max_benign_high=args.max_benign_high,
+            max_benign_escalated=args.max_benign_escalated,
+        )
+        result.save(args.expert_dir)
+        record["calibration"] = {
+            k: v for k, v in result.record().items() if not k.startswith("dissents")
+        }
+    record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(json.dumps({"probe": probe, "calibration": record.get("calibration")}, indent=2))
+    return 0
+
+
 def cmd_train_expert(args: argparse.Namespace) -> int:
     import torch
 
@@ -158,7 +259,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         resolve,
         resolve_device,
     )
-    from .data import BuildConfig, load_plan, load_seeds, plan_requests, save_plan
+    from .data import BuildConfig, save_plan
     from .expert import train_expert
     from .trainer import LoraSettings
 
@@ -178,13 +279,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         benign_contexts=args.benign_contexts,
         batch_size=args.generate_batch_size,
     )
-    if args.plan is not None:
-        plan = load_plan(args.plan)
-    else:
-        seeds = load_seeds(
-            data_dir, benign_limit=args.benign_limit, harmful_limit=args.harmful_limit
-        )
-        plan = plan_requests(seeds, build)
+    plan = _read_plan(args, build)
     if args.save_plan is not None:
         save_plan(plan, args.save_plan)
         print(f"wrote {len(plan)} planned requests to {args.save_plan}")

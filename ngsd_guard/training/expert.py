@@ -84,7 +84,9 @@ def train_expert(
     plan = [p for p in plan if not (calibrate and is_holdout(p.conversation.request))]
     record: dict[str, object] = {"base": base_name, "command": command}
     if probe is not None:
-        record["probe"] = _train_probe(engine, plan, probe, out, base_name, build)
+        record["probe"] = train_probe(
+            engine, plan, probe, out, base_name=base_name, batch_size=build.batch_size
+        )
 
     dataset = build_dataset(model, tokenizer, plan, render, build)
     examples = [ex for ex in dataset.examples if len(ex.input_ids) <= lora.max_length]
@@ -119,22 +121,23 @@ def train_expert(
     return record
 
 
-def _train_probe(
+def train_probe(
     engine: GuardedLM,
     plan: Sequence[PlannedRequest],
     features: PromptFeatures,
-    out: Path,
+    out: str | Path,
+    *,
     base_name: str,
-    build: BuildConfig,
+    batch_size: int = 32,
 ) -> dict[str, object]:
-    """Fit the risk probe on every planned request (in its context), harmful vs benign."""
+    """Fit the risk probe on every planned request (in its context), harmful vs benign, and
+    write it to ``out/probe.safetensors``; the record gives its held-out AUC, with folds
+    grouped by request."""
     labels = torch.tensor([float(p.label == "harmful") for p in plan])
-    x = probe_features(
-        engine, [p.conversation for p in plan], features, batch_size=build.batch_size
-    )
-    cv_auc = cross_validated_auc(x, labels, features, seed=build.seed)
+    x = probe_features(engine, [p.conversation for p in plan], features, batch_size=batch_size)
+    cv_auc = cross_validated_auc(x, labels, features, groups=[p.conversation.request for p in plan])
     reader = fit_probe(x, labels, features)
-    reader.save(out / PROBE_FILE, metadata={"base": base_name, "cv_auc": f"{cv_auc:.4f}"})
+    reader.save(Path(out) / PROBE_FILE, metadata={"base": base_name, "cv_auc": f"{cv_auc:.4f}"})
     logger.info("probe: 5-fold AUC %.4f on %d prompts", cv_auc, len(labels))
     harmful = int(labels.sum())
     return {
