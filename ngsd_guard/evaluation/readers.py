@@ -1,12 +1,13 @@
 """Risk readers side by side: how well each separates harmful from benign requests.
 
 ``python -m ngsd_guard.evaluation.readers [--limit N] [--readers probe,blend,logprob,json]
-[--contexts all]`` prints, per reader, the AUC of harmful (advbench-test, xstest-unsafe) vs
-benign (alpaca, xstest-safe) requests, per context too, the share of each set read as high
-risk (above the shipped policy's threshold), the mean risk per set, and the JSON reader's
-parse failures. The default model and the shipped probe are used: ``probe`` alone, and
-``blend``, the probe blended with the expert's first disagreement ``D_0`` as the shipped policy
-reads risk.
+[--contexts all] [--expert-dir DIR]`` prints, per reader, the AUC of harmful (advbench-test,
+xstest-unsafe) vs benign (alpaca, xstest-safe) requests, per context too, the share of each
+set read as high risk (above the policy's threshold), the mean risk per set, and the JSON
+reader's parse failures. The default model and the shipped probe are used (``--expert-dir``: the
+probe and ``policy.json`` of another directory, e.g. an earlier release, read with the shipped
+adapter's ``D_0``): ``probe`` alone, and ``blend``, the probe blended with the expert's first
+disagreement ``D_0`` as the shipped policy reads risk.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -92,10 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readers", default="probe,blend,logprob,json")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--contexts", default="bare", help="contexts to read in, or 'all'")
+    parser.add_argument(
+        "--expert-dir", type=Path, default=SHIPPED_PROBE.parent, help="probe and policy.json"
+    )
     args = parser.parse_args(argv)
+    probe_path = args.expert_dir / SHIPPED_PROBE.name
     makers = {
-        "probe": lambda: load_probe(SHIPPED_PROBE, blend=False),
-        "blend": lambda: load_probe(SHIPPED_PROBE),
+        "probe": lambda: load_probe(probe_path, blend=False),
+        "blend": lambda: load_probe(probe_path),
         "logprob": LogprobReader,
         "json": JsonReader,
     }
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = GuardedLM.from_default()
     contexts = parse_contexts(args.contexts)
     data_dir = args.data_dir or default_data_dir()
-    high = load_risk_map(SHIPPED_PROBE.parent).high
+    high = load_risk_map(args.expert_dir).high
     table = compare_readers(lm, readers, data_dir, args.limit, contexts, high=high)
     for name, row in table.items():
         print(name, json.dumps(row))
