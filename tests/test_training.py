@@ -305,6 +305,9 @@ def test_calibration_counts_dissents_and_holds_out_stably():
     assert choose_escalation([20] * 10, max_share=0.0, candidates=(2, 3)) is None
     assert choose_high([1.0] * 99 + [8.0], max_share=0.01) == 6.0
     assert choose_high([1.0] * 98 + [7.0, 8.0], max_share=0.01) == 7.0
+    risks = [1.0] * 97 + [6.504, 7.25, 9.0]
+    high = choose_high(risks, max_share=0.02)  # rounding to 6.5 would let 6.504 through
+    assert high == 6.51 and sum(r > high for r in risks) == 2
 
 
 def _summary():

@@ -204,7 +204,7 @@ class GrammarMatcher:
     """One row's position in a :class:`GrammarConstraint` (the ``ConstraintMatcher`` protocol).
 
     >>> matcher = JsonConstraint(tokenizer, {"type": "boolean"}).matcher()  # doctest: +SKIP
-    >>> matcher.allowed()            # (V,) bool: the tokens of "true" / "false" prefixes
+    >>> matcher.allowed()  # (V,) bool: "true" / "false" prefixes  # doctest: +SKIP
     """
 
     def __init__(self, constraint: GrammarConstraint) -> None:

@@ -112,7 +112,7 @@ def closing_bound(schema: Mapping[str, Any]) -> int:
     at most this many bytes (and so at most this many tokens).
 
     >>> closing_bound({"type": "object", "properties": {"a": {"type": "integer"}}})
-    32
+    73
     """
     return _bound(schema, schema, 0)
 

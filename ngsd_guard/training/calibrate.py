@@ -56,15 +56,16 @@ def dissents(generation: Generation) -> int:
 
 
 def choose_high(benign_risks: Sequence[float], *, max_share: float, floor: float = 6.0) -> float:
-    """The smallest threshold, at least ``floor``, above which at most ``max_share`` of
-    ``benign_risks`` lie.
+    """The smallest threshold with two decimals, at least ``floor``, above which at most
+    ``max_share`` of ``benign_risks`` lie (rounded up, so that rounding lets none through).
 
-    >>> choose_high([1.0] * 97 + [6.5, 7.25, 9.0], max_share=0.02)
-    7.25
+    >>> choose_high([1.0] * 97 + [6.504, 7.25, 9.0], max_share=0.02)
+    6.51
     """
     allowed = math.floor(max_share * len(benign_risks))
     ranked = sorted(benign_risks, reverse=True)
-    return max(floor, ranked[allowed]) if allowed < len(ranked) else floor
+    high = max(floor, ranked[allowed]) if allowed < len(ranked) else floor
+    return math.ceil(high * 100) / 100
 
 
 def choose_escalation(
@@ -141,7 +142,7 @@ def calibrate(
     risks = read.tolist()
     benign = [r for p, r in zip(holdout, risks, strict=True) if p.label == "benign"]
     harmful = [r for p, r in zip(holdout, risks, strict=True) if p.label == "harmful"]
-    high = round(choose_high(benign, max_share=max_benign_high), 2)
+    high = choose_high(benign, max_share=max_benign_high)
 
     below = [(p, r) for p, r in zip(holdout, risks, strict=True) if r <= high]
     counts: dict[str, list[int]] = {"benign": [], "harmful": []}
