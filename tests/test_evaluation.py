@@ -117,6 +117,18 @@ def test_named_sets_use_the_fixed_splits():
     assert alpaca.label == "benign" and len(alpaca.prompts) == 100
 
 
+@needs_data
+def test_a_seeded_sample_draws_across_the_set_in_its_order():
+    (whole,) = load_set("xstest-safe", SHARED)
+    (drawn,) = load_set("xstest-safe", SHARED, limit=40, seed=0)
+    (again,) = load_set("xstest-safe", SHARED, limit=40, seed=0)
+    assert drawn.prompts == again.prompts and len(set(drawn.prompts)) == 40
+    positions = [whole.prompts.index(p) for p in drawn.prompts]
+    assert positions == sorted(positions) and positions[-1] >= 40  # not the head
+    (head,) = load_set("xstest-safe", SHARED, limit=40)
+    assert head.prompts == whole.prompts[:40] != drawn.prompts
+
+
 def test_jsonl_sets_split_by_label(tmp_path):
     path = tmp_path / "mine.jsonl"
     lines = [

@@ -1,13 +1,13 @@
 """Risk readers side by side: how well each separates harmful from benign requests.
 
-``python -m ngsd_guard.evaluation.readers [--limit N] [--readers probe,blend,logprob,json]
-[--contexts all] [--expert-dir DIR]`` prints, per reader, the AUC of harmful (advbench-test,
-xstest-unsafe) vs benign (alpaca, xstest-safe) requests, per context too, the share of each
-set read as high risk (above the policy's threshold), the mean risk per set, and the JSON
-reader's parse failures. The default model and the shipped probe are used (``--expert-dir``: the
-probe and ``policy.json`` of another directory, e.g. an earlier release, read with the shipped
-adapter's ``D_0``): ``probe`` alone, and ``blend``, the probe blended with the expert's first
-disagreement ``D_0`` as the shipped policy reads risk.
+``python -m ngsd_guard.evaluation.readers [--limit N] [--sample-seed S] [--readers
+probe,blend,logprob,json] [--contexts all] [--expert-dir DIR]`` prints, per reader, the AUC of
+harmful (advbench-test, xstest-unsafe) vs benign (alpaca, xstest-safe) requests, per context
+too, the share of each set read as high risk (above the policy's threshold), the mean risk per
+set, and the JSON reader's parse failures. The default model and the shipped probe are used
+(``--expert-dir``: the probe and ``policy.json`` of another directory, e.g. an earlier
+release, read with the shipped adapter's ``D_0``): ``probe`` alone, and ``blend``, the probe
+blended with the expert's first disagreement ``D_0`` as the shipped policy reads risk.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ def compare_readers(
     limit: int,
     contexts: Sequence[str] = ("bare",),
     high: float = 6.0,
+    seed: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{reader: {"auc": ..., "high_<set>": ..., "mean_<set>": ..., "auc_<context>": ...}}``:
-    each set's first ``limit`` requests placed in each context; ``high_<set>`` is the share
-    read above ``high``."""
+    each set's first ``limit`` requests (``seed``: ``limit`` drawn at random) placed in each
+    context; ``high_<set>`` is the share read above ``high``."""
     items = {}
     for name in SETS:
-        (bare,) = load_set(name, data_dir, limit=limit)
+        (bare,) = load_set(name, data_dir, limit=limit, seed=seed)
         for context in contexts:
             items[name, context] = bare.in_context(context).items
     table = {}
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m ngsd_guard.evaluation.readers")
     parser.add_argument("--limit", type=int, default=12, help="prompts per set")
+    parser.add_argument(
+        "--sample-seed", type=int, default=None, help="draw --limit at random, not the first"
+    )
     parser.add_argument("--readers", default="probe,blend,logprob,json")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--contexts", default="bare", help="contexts to read in, or 'all'")
@@ -110,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     contexts = parse_contexts(args.contexts)
     data_dir = args.data_dir or default_data_dir()
     high = load_risk_map(args.expert_dir).high
-    table = compare_readers(lm, readers, data_dir, args.limit, contexts, high=high)
+    table = compare_readers(
+        lm, readers, data_dir, args.limit, contexts, high=high, seed=args.sample_seed
+    )
     for name, row in table.items():
         print(name, json.dumps(row))
     return 0

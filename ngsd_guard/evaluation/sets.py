@@ -19,6 +19,7 @@ carry ``"set"`` and ``"context"`` (as :func:`export_jsonl` writes them) are grou
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,8 +68,12 @@ def _bare(name: str, label: str, requests: Sequence[sources.Request]) -> EvalSet
     return EvalSet(name, label, items)
 
 
-def load_set(name: str, data_dir: str | Path, *, limit: int | None = None) -> list[EvalSet]:
-    """One :class:`EvalSet` per label (and set × context for an exported JSONL file)."""
+def load_set(
+    name: str, data_dir: str | Path, *, limit: int | None = None, seed: int | None = None
+) -> list[EvalSet]:
+    """One :class:`EvalSet` per label (and set × context for an exported JSONL file): with
+    ``limit``, its first ``limit`` requests, or with ``seed`` too, ``limit`` drawn at random
+    (in their order in the set), which represents a set whose head is of one kind."""
     data_dir = Path(data_dir)
     named = {
         "advbench-test": ("harmful", lambda: sources.advbench(data_dir, "eval")),
@@ -89,8 +94,14 @@ def load_set(name: str, data_dir: str | Path, *, limit: int | None = None) -> li
             f"`--sets` item (={name!r}) is neither one of {', '.join(NAMED_SETS)} nor a JSONL file"
         )
     if limit is not None:
-        sets = [replace(s, items=s.items[:limit]) for s in sets]
+        sets = [replace(s, items=_head_or_sample(s.items, limit, seed)) for s in sets]
     return [s for s in sets if s.items]
+
+
+def _head_or_sample(items: tuple, limit: int, seed: int | None) -> tuple:
+    if seed is None or limit >= len(items):
+        return items[:limit]
+    return tuple(items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit)))
 
 
 def _load_jsonl(path: Path) -> list[EvalSet]:
