@@ -8,8 +8,12 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .data import BuildConfig, PlannedRequest
 
 
 def default_data_dir() -> Path:
@@ -105,10 +109,10 @@ def _add_probe_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_expert_dir_options(parser)
     parser.add_argument("--benign-limit", type=int, default=400, help="AlpacaEval anchors (100+)")
     parser.add_argument(
-        "--harmful-contexts", type=int, default=4, help="contexts drawn per harmful request"
+        "--harmful-contexts", type=int, default=3, help="contexts drawn per harmful request"
     )
     parser.add_argument(
-        "--benign-contexts", type=int, default=4, help="contexts drawn per benign request"
+        "--benign-contexts", type=int, default=3, help="contexts drawn per benign request"
     )
     parser.add_argument("--probe-features", default="last@30+mean@18", help="as for train-expert")
     parser.add_argument("--no-calibrate", action="store_true", help="only refit the probe")
@@ -173,7 +177,7 @@ def cmd_calibrate_expert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_plan(args: argparse.Namespace, build):
+def _read_plan(args: argparse.Namespace, build: BuildConfig) -> list[PlannedRequest]:
     """``--plan`` if given, else the training requests planned anew under ``build``."""
     from .data import load_plan, load_seeds, plan_requests
 
