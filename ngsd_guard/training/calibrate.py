@@ -105,6 +105,10 @@ class Calibration:
         record["blend"] = self.blend.model_dump() if self.blend is not None else None
         return record
 
+    def summary(self) -> dict[str, object]:
+        """:meth:`record` without the per-answer dissent counts."""
+        return {k: v for k, v in self.record().items() if not k.startswith("dissents")}
+
     def save(self, directory: str | Path) -> None:
         """Write ``policy.json`` (read by :func:`~ngsd_guard.reflection.load_risk_map` and
         :func:`~ngsd_guard.reflection.load_blend`)."""

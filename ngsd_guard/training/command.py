@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
+    from ..guarded import GuardedLM
     from .data import BuildConfig, PlannedRequest
 
 
@@ -130,6 +131,9 @@ def _add_expert_dir_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-benign-high", type=float, default=0.01)
     parser.add_argument("--max-benign-escalated", type=float, default=0.05)
+    parser.add_argument(
+        "--no-blend", action="store_true", help="read risk by the probe alone (no tv@0)"
+    )
 
 
 def _add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -144,17 +148,13 @@ def _add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _add_expert_dir_options(parser)
-    parser.add_argument(
-        "--no-blend", action="store_true", help="read risk by the probe alone (no tv@0)"
-    )
     parser.set_defaults(handler=cmd_calibrate_expert)
 
 
 def cmd_calibrate_expert(args: argparse.Namespace) -> int:
     from ..guarded import GuardedLM
     from ..loading import default_model_dir
-    from ..reflection import ProbeReader
-    from .calibrate import calibrate, is_holdout
+    from .calibrate import is_holdout
     from .data import BuildConfig
 
     plan = _read_plan(args, BuildConfig(seed=args.seed))
@@ -162,9 +162,22 @@ def cmd_calibrate_expert(args: argparse.Namespace) -> int:
     lm = GuardedLM.from_pretrained(
         args.model or default_model_dir(), adapter=args.expert_dir, device=args.device
     )
+    print(json.dumps(_calibrate_into(lm, args, holdout), indent=2))
+    return 0
+
+
+def _calibrate_into(
+    lm: GuardedLM, args: argparse.Namespace, holdout: list[PlannedRequest]
+) -> dict[str, object]:
+    """Calibrate ``--expert-dir``'s probe on ``holdout`` under the command's budgets, write its
+    ``policy.json``, and return the summary."""
+    from ..reflection import ProbeReader
+    from .calibrate import calibrate
+    from .expert import PROBE_FILE
+
     result = calibrate(
         lm,
-        ProbeReader.load(args.expert_dir / "probe.safetensors"),
+        ProbeReader.load(args.expert_dir / PROBE_FILE),
         holdout,
         batch_size=args.batch_size,
         max_benign_high=args.max_benign_high,
@@ -172,9 +185,7 @@ def cmd_calibrate_expert(args: argparse.Namespace) -> int:
         blend=not args.no_blend,
     )
     result.save(args.expert_dir)
-    record = {k: v for k, v in result.record().items() if not k.startswith("dissents")}
-    print(json.dumps(record, indent=2))
-    return 0
+    return result.summary()
 
 
 def _read_plan(args: argparse.Namespace, build: BuildConfig) -> list[PlannedRequest]:
@@ -195,10 +206,9 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
     from ..features import PromptFeatures
     from ..guarded import GuardedLM
     from ..loading import DEFAULT_MODEL_NAME, default_model_dir
-    from ..reflection import ProbeReader
-    from .calibrate import calibrate, is_holdout
+    from .calibrate import is_holdout
     from .data import BuildConfig
-    from .expert import PROBE_FILE, RECORD_FILE, train_probe
+    from .expert import RECORD_FILE, train_probe
 
     if not (args.expert_dir / "adapter_config.json").is_file():
         raise ConfigError(f"`--expert-dir` (={str(args.expert_dir)!r}) holds no peft adapter")
@@ -231,18 +241,7 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record["probe"] = probe
     if not args.no_calibrate:
-        result = calibrate(
-            lm,
-            ProbeReader.load(args.expert_dir / PROBE_FILE),
-            holdout,
-            batch_size=args.batch_size,
-            max_benign_high=args.max_benign_high,
-            max_benign_escalated=args.max_benign_escalated,
-        )
-        result.save(args.expert_dir)
-        record["calibration"] = {
-            k: v for k, v in result.record().items() if not k.startswith("dissents")
-        }
+        record["calibration"] = _calibrate_into(lm, args, holdout)
     record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(json.dumps({"probe": probe, "calibration": record.get("calibration")}, indent=2))
     return 0

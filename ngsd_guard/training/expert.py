@@ -112,9 +112,7 @@ def train_expert(
             engine, ProbeReader.load(out / PROBE_FILE), holdout, batch_size=build.batch_size
         )
         result.save(out)
-        record["calibration"] = {
-            k: v for k, v in result.record().items() if not k.startswith("dissents")
-        }
+        record["calibration"] = result.summary()
     record["build"] = asdict(build)
     record["seconds"] = round(time.perf_counter() - started, 1)
     (out / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
