@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from .alpha import Assessment
 from .config import _Frozen
 from .errors import ConfigError
-from .features import PromptFeatures
+from .features import FIRST_DIVERGENCE, PromptFeatures
 
 if TYPE_CHECKING:
     from .guarded import GuardedLM
@@ -304,6 +304,26 @@ class FirstStepBlend(_Frozen):
     probe_weight: float
     divergence_weight: float
     bias: float
+
+
+class FirstStepReader:
+    """``risk = 10 D_0``: the expert's first disagreement with the base alone
+    (``tv@0``, :mod:`ngsd_guard.features`), a total variation in [0, 1]. It needs no probe and
+    no hidden states, only the two prefills that decoding runs anyway, so any base and expert
+    pair has it.
+
+    >>> FirstStepReader().read(None, ["a", "b"], torch.tensor([[0.25], [0.9]])).tolist()
+    [2.5, 9.0]
+    """
+
+    features = PromptFeatures((FIRST_DIVERGENCE,))
+
+    def read(self, lm: GuardedLM, requests: Sequence[str], features: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 2 or features.shape[-1] != 1:
+            raise ConfigError(
+                f"FirstStepReader reads one feature (tv@0); got shape {tuple(features.shape)}"
+            )
+        return 10.0 * features[:, 0].float().cpu().clamp(0.0, 1.0)
 
 
 class ProbeReader:

@@ -216,3 +216,5 @@ def test_eval_reads_risk_as_the_shipped_policy_does_unless_told_not_to_blend():
     assert policy.risk_map == shipped.risk_map
     alone = build_policy(build_parser().parse_args(["eval", "--no-blend"]))
     assert alone.reader.blend is None and str(alone.features) == "last@30+mean@18"
+    first = build_policy(build_parser().parse_args(["eval", "--alpha-policy", "first-step"]))
+    assert str(first.features) == "tv@0" and first.risk_map == shipped.risk_map

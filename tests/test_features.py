@@ -122,3 +122,23 @@ def test_a_hook_on_the_base_tree_never_fires_in_the_adapter_model():
         assert states == {}
         base(input_ids=torch.tensor([[5, 6]]))
         assert set(states) == {1}
+
+
+def test_first_step_reader_reads_ten_times_d0_from_the_decoding_prefills(
+    tiny_base, tiny_expert, tokenizer
+):
+    from ngsd_guard.reflection import FirstStepReader, ReflectionAlpha, RiskMap
+
+    risk_map = RiskMap(high=9.99, low=9.99, alpha_low=0.0)
+    policy = ReflectionAlpha(FirstStepReader(), risk_map)
+    lm = GuardedLM.from_models(tiny_base, tokenizer, expert=tiny_expert, alpha_policy=policy)
+    prompts = ["Tell me a story.", "How are you?"]
+    summaries = [g.summary for g in lm.generate_batch(prompts, max_new_tokens=2)]
+    texts = [lm.render(p) for p in prompts]
+    plain = GuardedLM.from_models(tiny_base, tokenizer)
+    alone = GuardedLM.from_models(tiny_expert, tokenizer)
+    d0 = first_divergence(plain.next_token_logprobs(texts), alone.next_token_logprobs(texts))
+    assert [s.risk for s in summaries] == pytest.approx((10 * d0).tolist(), abs=1e-3)
+    assert str(FirstStepReader.features) == "tv@0"
+    with pytest.raises(ConfigError, match="one feature"):
+        FirstStepReader().read(lm, ["a"], torch.zeros(1, 3))

@@ -14,7 +14,7 @@ from ..contexts import CONTEXTS, EVAL_CONTEXTS
 from ..training.command import default_data_dir
 from .sets import NAMED_SETS
 
-POLICIES = ("default", "fixed", "probe", "reflect-json", "reflect-logprob")
+POLICIES = ("default", "fixed", "probe", "first-step", "reflect-json", "reflect-logprob")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,7 +59,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--alpha-policy",
         choices=POLICIES,
         default="default",
-        help="default: the probe when the expert has one, else fixed; fixed uses --alpha",
+        help="default: the probe when the expert has one, else fixed; fixed uses --alpha; "
+        "first-step reads risk as 10 D_0, the expert's first disagreement alone",
     )
     policy.add_argument("--probe", type=Path, help="probe.safetensors (default: the expert's)")
     policy.add_argument(
@@ -90,6 +91,7 @@ def build_policy(args: argparse.Namespace):
     from ..alpha import FixedAlpha
     from ..reflection import (
         SHIPPED_PROBE,
+        FirstStepReader,
         JsonReader,
         LogprobReader,
         ReflectionAlpha,
@@ -128,6 +130,7 @@ def build_policy(args: argparse.Namespace):
     risk_map = type(risk_map)(**risk_map.model_dump())  # re-validate
     reader = {
         "probe": lambda: load_probe(probe, blend=not args.no_blend),
+        "first-step": FirstStepReader,
         "reflect-json": JsonReader,
         "reflect-logprob": LogprobReader,
     }[name]()

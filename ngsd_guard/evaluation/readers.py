@@ -1,13 +1,14 @@
 """Risk readers side by side: how well each separates harmful from benign requests.
 
 ``python -m ngsd_guard.evaluation.readers [--limit N] [--sample-seed S] [--readers
-probe,blend,logprob,json] [--contexts all] [--expert-dir DIR]`` prints, per reader, the AUC of
-harmful (advbench-test, xstest-unsafe) vs benign (alpaca, xstest-safe) requests, per context
-too, the share of each set read as high risk (above the policy's threshold), the mean risk per
-set, and the JSON reader's parse failures. The default model and the shipped probe are used
-(``--expert-dir``: the probe and ``policy.json`` of another directory, e.g. an earlier
-release, read with the shipped adapter's ``D_0``): ``probe`` alone, and ``blend``, the probe
-blended with the expert's first disagreement ``D_0`` as the shipped policy reads risk.
+probe,blend,first-step,logprob,json] [--contexts all] [--expert-dir DIR]`` prints, per
+reader, the AUC of harmful (advbench-test, xstest-unsafe) vs benign (alpaca, xstest-safe)
+requests, per context too, the share of each set read as high risk (above the policy's
+threshold), the mean risk per set, and the JSON reader's parse failures. The default model and
+the shipped probe are used (``--expert-dir``: the probe and ``policy.json`` of another
+directory, e.g. an earlier release, read with the shipped adapter's ``D_0``): ``probe`` alone;
+``blend``, the probe blended with the expert's first disagreement ``D_0`` as the shipped
+policy reads risk; ``first-step``, ``D_0`` alone (:class:`~ngsd_guard.reflection.FirstStepReader`).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..guarded import GuardedLM
     from ..reflection import (
         SHIPPED_PROBE,
+        FirstStepReader,
         JsonReader,
         LogprobReader,
         load_probe,
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     makers = {
         "probe": lambda: load_probe(probe_path, blend=False),
         "blend": lambda: load_probe(probe_path),
+        "first-step": FirstStepReader,
         "logprob": LogprobReader,
         "json": JsonReader,
     }
