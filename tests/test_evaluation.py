@@ -129,6 +129,20 @@ def test_a_seeded_sample_draws_across_the_set_in_its_order():
     assert head.prompts == whole.prompts[:40] != drawn.prompts
 
 
+@needs_data
+def test_eval_command_samples_with_a_seed(tmp_path):
+    from ngsd_guard.cli import main
+
+    out = tmp_path / "sets.jsonl"
+    argv = ["eval", "--sets", "xstest-safe", "--limit", "5", "--sample-seed", "0"]
+    assert main([*argv, "--data-dir", str(SHARED), "--export-sets", str(out)]) == 0
+    exported = [json.loads(line)["request"] for line in out.read_text().splitlines()]
+    (drawn,) = load_set("xstest-safe", SHARED, limit=5, seed=0)
+    assert (
+        exported == list(drawn.prompts) != list(load_set("xstest-safe", SHARED, limit=5)[0].prompts)
+    )
+
+
 def test_jsonl_sets_split_by_label(tmp_path):
     path = tmp_path / "mine.jsonl"
     lines = [

@@ -49,6 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="write the sets, placed in their contexts, to this JSONL file and exit (no model)",
     )
     parser.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    parser.add_argument(
+        "--sample-seed",
+        type=int,
+        default=None,
+        help="with --limit (or NAME:N), draw N prompts at random with this seed, not the first",
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="default: ../shared/data")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -149,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for item in filter(None, args.sets.split(",")):
         name, _, count = item.partition(":") if not item.endswith(".jsonl") else (item, "", "")
         limit = int(count) if count else args.limit
-        for bare in load_set(name, data_dir, limit=limit):
+        for bare in load_set(name, data_dir, limit=limit, seed=args.sample_seed):
             if bare.context != "bare":  # an exported file: already in its contexts
                 sets.append(bare)
                 continue
