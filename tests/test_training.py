@@ -13,6 +13,7 @@ from transformers import LlamaForCausalLM
 
 from ngsd_guard import Generation, GuardedLM
 from ngsd_guard.contexts import Conversation, wrap
+from ngsd_guard.errors import ConfigError
 from ngsd_guard.features import PromptFeatures
 from ngsd_guard.judge import is_refusal
 from ngsd_guard.reflection import ProbeReader, default_policy, load_risk_map
@@ -33,6 +34,7 @@ from ngsd_guard.training import (
 from ngsd_guard.training.data import PlannedRequest, load_plan, plan_requests, render_ids, save_plan
 from ngsd_guard.training.expert import train_expert
 from ngsd_guard.training.probe import auc, cross_validated_auc, fit_blend
+from ngsd_guard.training.trainer import batch_loss, length_grouped_batches, load_trainable_adapter
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
@@ -370,3 +372,104 @@ def test_train_probe_refits_the_probe_and_recalibrates_keeping_the_adapter(
     assert str(default_policy(out / "probe.safetensors").features) == "last@1+tv@0"
     assert main(["train-probe", "--expert-dir", str(tmp_path), "--plan", str(plan_path)]) == 2
     assert "holds no peft adapter" in capsys.readouterr().err
+
+
+def _perturbed_lora(seed: int):
+    """A tiny LoRA model whose adapter is not the identity (``lora_B`` drawn at random)."""
+    model = wrap_lora(tiny_llama(seed), LoraSettings(r=4, lora_alpha=16, dropout=0.0, seed=seed))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def test_batch_loss_equals_the_full_logits_formula():
+    model = _perturbed_lora(7)
+    examples = [
+        Example("recovery", "h", [1, 5, 9, 3], [11, 12, 90, 91], loss_start=2),
+        Example("benign", "b", [1, 2], [40, 41, 42]),
+        Example("refusal", "r", [1, 7], [90, 91, 92, 2]),
+    ]
+    batch = collate(examples, pad_id=0, max_length=64, device=torch.device("cpu"))
+    loss, ce, kl = batch_loss(model, batch, distill_weight=0.5)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with model.disable_adapter():
+            teacher = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+    vocab = logits.size(-1)
+    want_ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab), batch["labels"][:, 1:].reshape(-1)
+    )
+    mask = batch["distill"]
+    p_teacher = teacher[mask].softmax(-1)
+    want_kl = (p_teacher * (p_teacher.log() - logits[mask].log_softmax(-1))).sum(-1).mean()
+    assert want_kl > 1e-4  # the adapter moves the distribution, so the check has teeth
+    torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl, want_kl, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, want_ce + 0.5 * want_kl, rtol=1e-4, atol=1e-6)
+
+
+def test_length_grouped_batches_cover_every_index_once_with_little_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 1000) for _ in range(500)]
+    batches = length_grouped_batches(lengths, 8, random.Random(1), group=16)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert [len(b) for b in batches].count(8) == len(batches) - 1  # 500 = 62 * 8 + 4
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    shuffled = list(range(500))
+    random.Random(1).shuffle(shuffled)
+    plain = [shuffled[i : i + 8] for i in range(0, 500, 8)]
+    assert padded(batches) < 0.7 * padded(plain)
+    assert batches == length_grouped_batches(lengths, 8, random.Random(1), group=16)
+
+
+def test_init_adapter_goes_on_training_the_saved_expert(tokenizer, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    build = BuildConfig(refusal_tries=1, refusal_tokens=4, compliant_tokens=4, benign_tokens=4)
+    lora = LoraSettings(r=2, lora_alpha=4, epochs=1, batch_size=4)
+    plan = _tiny_plan() + _held_out_plan()
+    train_expert(
+        tiny_llama(6),
+        tokenizer,
+        plan=plan,
+        out=first,
+        base_name="tiny",
+        build=build,
+        lora=lora,
+        probe=PromptFeatures.parse("last@2+mean@1"),
+    )
+    model = load_trainable_adapter(tiny_llama(6), first)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)  # not fresh
+    record = train_expert(
+        tiny_llama(6),
+        tokenizer,
+        plan=plan,
+        out=second,
+        base_name="tiny",
+        build=build,
+        lora=lora,
+        probe=None,
+        init_adapter=first,
+    )
+    assert record["training"]["init_adapter"] == str(first)
+    for name in ("probe.safetensors", "policy.json"):  # kept, then recalibrated in place
+        assert (second / name).is_file()
+    assert (second / "probe.safetensors").read_bytes() == (first / "probe.safetensors").read_bytes()
+    assert record["calibration"]["held_out"] == 2
+    moved = load_trainable_adapter(tiny_llama(6), second)
+    assert any(
+        not torch.allclose(p.float(), trained[n].float(), atol=1e-3)
+        for n, p in moved.named_parameters()
+        if n in trained
+    )
+    with pytest.raises(ConfigError, match="holds no peft adapter"):
+        load_trainable_adapter(tiny_llama(6), tmp_path)

@@ -88,6 +88,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "suits SmolLM2-135M's 30 layers)",
     )
     parser.add_argument("--save-examples", type=Path, help="write the examples as JSONL here")
+    parser.add_argument(
+        "--init-adapter",
+        type=Path,
+        help="go on training this expert's adapter instead of a fresh one (its rank and "
+        "targets; with --no-probe its probe and policy.json are kept)",
+    )
     parser.add_argument("--json", action="store_true", help="print training.json")
     parser.set_defaults(handler=cmd_train_expert)
     _add_calibrate_parser(subparsers)
@@ -279,6 +285,8 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         benign_contexts=args.benign_contexts,
         batch_size=args.generate_batch_size,
     )
+    if args.init_adapter is not None and not (args.init_adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"`--init-adapter` (={str(args.init_adapter)!r}) holds no peft adapter")
     plan = _read_plan(args, build)
     if args.save_plan is not None:
         save_plan(plan, args.save_plan)
@@ -313,6 +321,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         probe=None if args.no_probe else PromptFeatures.parse(args.probe_features),
         calibrate=not args.no_calibrate,
         examples_path=args.save_examples,
+        init_adapter=args.init_adapter,
         command="ngsd-guard " + shlex.join(sys.argv[1:]),
     )
     if args.json:

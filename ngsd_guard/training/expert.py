@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -15,12 +16,12 @@ import torch
 from ..contexts import Conversation
 from ..features import PromptFeatures
 from ..guarded import GuardedLM
-from ..reflection import ProbeReader
+from ..reflection import POLICY_FILE, ProbeReader
 from .calibrate import calibrate as calibrate_policy
 from .calibrate import is_holdout
 from .data import BuildConfig, PlannedRequest, build_dataset, save_examples
 from .probe import cross_validated_auc, fit_probe, probe_features
-from .trainer import LoraSettings, train_lora, wrap_lora
+from .trainer import LoraSettings, load_trainable_adapter, train_lora, wrap_lora
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +58,15 @@ def train_expert(
     probe: PromptFeatures | None = DEFAULT_PROBE_FEATURES,
     calibrate: bool = True,
     examples_path: str | Path | None = None,
+    init_adapter: str | Path | None = None,
     command: str = "",
 ) -> dict[str, object]:
     """Train the probe (on the plain base; ``probe`` names its features, None skips it) and
     a LoRA expert from planned requests (see :func:`~ngsd_guard.training.data.plan_requests`),
-    then, with ``calibrate``, choose the alpha escalation on the held-out slice of the plan
-    (:mod:`~ngsd_guard.training.calibrate`); write the adapter dir, the probe, ``policy.json``
-    and ``training.json`` under ``out``. Returns the record."""
+    or go on training the adapter in ``init_adapter`` (whose probe and policy are copied to
+    ``out`` when ``probe`` is None); then, with ``calibrate``, choose the alpha escalation on
+    the held-out slice of the plan (:mod:`~ngsd_guard.training.calibrate`); write the adapter
+    dir, the probe, ``policy.json`` and ``training.json`` under ``out``. Returns the record."""
     build = build or BuildConfig()
     lora = lora or LoraSettings(seed=build.seed)
     out = Path(out)
@@ -79,7 +82,11 @@ def train_expert(
         text = engine.render(list(conversation.messages), tools=list(conversation.tools) or None)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    calibrate = calibrate and probe is not None
+    if init_adapter is not None and probe is None:
+        for name in (PROBE_FILE, POLICY_FILE):
+            if (Path(init_adapter) / name).is_file():
+                shutil.copyfile(Path(init_adapter) / name, out / name)
+    calibrate = calibrate and (probe is not None or (out / PROBE_FILE).is_file())
     holdout = [p for p in plan if calibrate and is_holdout(p.conversation.request)]
     plan = [p for p in plan if not (calibrate and is_holdout(p.conversation.request))]
     record: dict[str, object] = {"base": base_name, "command": command}
@@ -94,7 +101,11 @@ def train_expert(
     record["data"] = dataset.stats
     if examples_path is not None:
         save_examples(dataset, examples_path, tokenizer)
-    peft_model = wrap_lora(model, lora)
+    peft_model = (
+        wrap_lora(model, lora)
+        if init_adapter is None
+        else load_trainable_adapter(model, init_adapter)
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     report = train_lora(peft_model, examples, lora, pad_id=pad)
     save_adapter_fp16(peft_model, out, base_name)
@@ -104,6 +115,7 @@ def train_expert(
         "first_loss": round(report.first_loss, 4),
         "last_loss": round(report.last_loss, 4),
         "lora": report.settings,
+        "init_adapter": None if init_adapter is None else str(init_adapter),
         "device": str(next(model.parameters()).device),
     }
     if calibrate and holdout:

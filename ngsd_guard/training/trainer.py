@@ -18,11 +18,13 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from ..errors import ConfigError
 from .data import Example
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,16 @@ def wrap_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel
     return get_peft_model(model, config)
 
 
+def load_trainable_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
+    """A peft model around ``model`` with the adapter of ``adapter_dir`` loaded trainable, to
+    go on training an expert (its LoRA rank and targets are the adapter's own)."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ConfigError(f"`init_adapter` (={str(adapter_dir)!r}) holds no peft adapter")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
 def collate(
     examples: Sequence[Example], pad_id: int, max_length: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
@@ -100,29 +112,54 @@ def collate(
 
 
 def batch_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], distill_weight: float):
-    """``(loss, ce, kl)`` for one batch; see the module docstring."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits.float()  # (B, T, V)
-    labels = batch["labels"]
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-    has_ce = (shift_labels != -100).any()
+    """``(loss, ce, kl)`` for one batch of a peft ``model``; see the module docstring.
+
+    The output layer runs only where a loss is taken (the refusal tokens' predecessors and the
+    distilled positions), and the teacher only over the rows that have distilled positions:
+    on a CPU the full ``(B, T, V)`` logits and the teacher's pass over refusal rows are a
+    quarter of a step.
+    """
+    ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    head = model.get_output_embeddings()
+    decoder = model.get_base_model().get_decoder()
+    hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state  # (B, T, H)
+    targets = labels[:, 1:]  # (B, T-1): the token that position t predicts
+    ce_at = F.pad(targets != -100, (0, 1))  # (B, T)
     ce = (
-        F.cross_entropy(shift_logits.reshape(-1, logits.size(-1)), shift_labels.reshape(-1))
-        if has_ce
-        else logits.new_zeros(())
+        F.cross_entropy(head(hidden[ce_at]).float(), targets[targets != -100])
+        if ce_at.any()
+        else hidden.new_zeros((), dtype=torch.float32)
     )
-    kl = logits.new_zeros(())
-    mask = batch["distill"]
-    if distill_weight > 0 and mask.any():
+    kl = hidden.new_zeros((), dtype=torch.float32)
+    mask = batch["distill"]  # (B, T)
+    rows = mask.any(dim=1)  # (B,)
+    if distill_weight > 0 and rows.any():
         with torch.no_grad(), model.disable_adapter():
-            teacher = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits.float()[mask]  # (N, V)
-        student = F.log_softmax(logits[mask], dim=-1)
+            teacher_hidden = decoder(input_ids=ids[rows], attention_mask=attention[rows])
+            teacher = head(teacher_hidden.last_hidden_state[mask[rows]]).float()  # (N, V)
+        student = F.log_softmax(head(hidden[mask]).float(), dim=-1)  # (N, V)
         kl = F.kl_div(
             student, F.log_softmax(teacher, dim=-1), log_target=True, reduction="batchmean"
         )
     return ce + distill_weight * kl, ce.detach(), kl.detach()
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, rng: random.Random, group: int = 32
+) -> list[list[int]]:
+    """One epoch's batches of indices into ``lengths``: shuffle, cut into runs of
+    ``group * batch_size``, sort each run by length, cut into batches, shuffle the batches
+    (as transformers' ``group_by_length``). Rows of one batch have similar lengths, so little
+    of a padded batch is padding; every index appears exactly once."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = group * batch_size
+    batches = []
+    for start in range(0, len(order), span):
+        run = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [run[i : i + batch_size] for i in range(0, len(run), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 @dataclass
@@ -149,8 +186,8 @@ def train_lora(
     torch.manual_seed(settings.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    order = list(range(len(examples)))
-    steps_per_epoch = math.ceil(len(order) / settings.batch_size)
+    lengths = [min(len(ex.input_ids), settings.max_length) for ex in examples]
+    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     warmup = max(1, total // 20)
 
@@ -166,9 +203,8 @@ def train_lora(
     started = time.perf_counter()
     step = 0
     for epoch in range(settings.epochs):
-        rng.shuffle(order)
-        for start in range(0, len(order), settings.batch_size):
-            chunk = [examples[i] for i in order[start : start + settings.batch_size]]
+        for indices in length_grouped_batches(lengths, settings.batch_size, rng):
+            chunk = [examples[i] for i in indices]
             batch = collate(chunk, pad_id, settings.max_length, device)
             loss, ce, kl = batch_loss(model, batch, settings.distill_weight)
             optimizer.zero_grad(set_to_none=True)
