@@ -473,3 +473,14 @@ def test_init_adapter_goes_on_training_the_saved_expert(tokenizer, tmp_path):
     )
     with pytest.raises(ConfigError, match="holds no peft adapter"):
         load_trainable_adapter(tiny_llama(6), tmp_path)
+
+
+def test_generated_answers_come_back_in_the_prompts_order(tokenizer):
+    from ngsd_guard.training.data import generate_ids
+
+    model = tiny_llama(8).eval()
+    prompts = [render_ids(tokenizer, text) for text in ("a b c d e f g h", "hi", "one two three")]
+    batched = generate_ids(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    alone = [generate_ids(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    assert batched == alone
+    assert len({tuple(a) for a in alone}) > 1  # the prompts' answers differ, so order shows

@@ -217,13 +217,16 @@ def generate_ids(
     batch_size: int = 32,
 ) -> list[list[int]]:
     """Batched left-padded generation; each answer ends with the end-of-turn token when it
-    finished (:func:`end_of_turn_id`)."""
+    finished (:func:`end_of_turn_id`). Prompts are batched in order of length, so that a
+    batch is little padding; the answers come back in the prompts' order."""
     eos = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
-    answers: list[list[int]] = []
-    for start in range(0, len(prompts_ids), batch_size):
-        chunk = prompts_ids[start : start + batch_size]
+    order = sorted(range(len(prompts_ids)), key=lambda i: len(prompts_ids[i]))
+    answers: dict[int, list[int]] = {}
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        chunk = [prompts_ids[i] for i in indices]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in chunk], device=device)
@@ -240,14 +243,14 @@ def generate_ids(
             pad_token_id=pad,
             eos_token_id=eos,
         )  # (B, width + new)
-        for row in out[:, width:].tolist():
+        for index, row in zip(indices, out[:, width:].tolist(), strict=True):
             answer = []
             for token in row:
                 answer.append(token)
                 if token == eos:
                     break
-            answers.append(answer)
-    return answers
+            answers[index] = answer
+    return [answers[i] for i in range(len(prompts_ids))]
 
 
 def _text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
