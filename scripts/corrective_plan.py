@@ -1,0 +1,54 @@
+"""The plan of the shipped expert's corrective stage (README, "Training the safety expert").
+
+From a plan of every training request in one context
+(``ngsd-guard train-expert --plan-only --save-plan ALL --harmful-contexts 1 --benign-contexts 1``),
+keep the project's requests appended after the first stage was trained (harmful items 334 on,
+benign items 244 on) and a random replay of the others, all outside the calibration slice::
+
+    python scripts/corrective_plan.py ALL OUT --replay 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+from ngsd_guard.training.calibrate import is_holdout
+from ngsd_guard.training.data import TRAINING_DATA, load_plan, save_plan
+
+FIRST_STAGE_ITEMS = {"harmful": 334, "benign": 244}
+"""How many items of each project list the first stage's plan drew from."""
+
+
+def appended_requests() -> set[str]:
+    texts = set()
+    for label, known in FIRST_STAGE_ITEMS.items():
+        rows = json.loads((TRAINING_DATA / f"{label}_requests.json").read_text())["requests"]
+        texts |= {row["text"] for row in rows[known:]}
+    return texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("plan", help="every training request in one context (JSONL)")
+    parser.add_argument("out", help="the corrective plan (JSONL)")
+    parser.add_argument("--replay", type=int, default=240, help="earlier requests kept")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    plan = [p for p in load_plan(args.plan) if not is_holdout(p.conversation.request)]
+    appended = appended_requests()
+    new = [
+        p for p in plan if p.source.startswith("project-") and p.conversation.request in appended
+    ]
+    rest = [
+        p
+        for p in plan
+        if not (p.source.startswith("project-") and p.conversation.request in appended)
+    ]
+    save_plan(new + random.Random(args.seed).sample(rest, args.replay), args.out)
+    print(f"wrote {len(new)} appended and {args.replay} replayed requests to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
