@@ -115,9 +115,8 @@ def batch_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], distill_w
     """``(loss, ce, kl)`` for one batch of a peft ``model``; see the module docstring.
 
     The output layer runs only where a loss is taken (the refusal tokens' predecessors and the
-    distilled positions), and the teacher only over the rows that have distilled positions:
-    on a CPU the full ``(B, T, V)`` logits and the teacher's pass over refusal rows are a
-    quarter of a step.
+    distilled positions), and the teacher only over the rows that have distilled positions,
+    which saves the full ``(B, T, V)`` logits and the teacher's pass over the refusal rows.
     """
     ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     head = model.get_output_embeddings()
