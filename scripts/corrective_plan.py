@@ -1,4 +1,4 @@
-"""The plan of the shipped expert's corrective stage (README, "Training the safety expert").
+"""The plan of a corrective expert stage (README, "Training the safety expert").
 
 From a plan of every training request in one context
 (``ngsd-guard train-expert --plan-only --save-plan ALL --harmful-contexts 1 --benign-contexts 1``),
@@ -38,14 +38,10 @@ def main() -> None:
     args = parser.parse_args()
     plan = [p for p in load_plan(args.plan) if not is_holdout(p.conversation.request)]
     appended = appended_requests()
-    new = [
-        p for p in plan if p.source.startswith("project-") and p.conversation.request in appended
-    ]
-    rest = [
-        p
-        for p in plan
-        if not (p.source.startswith("project-") and p.conversation.request in appended)
-    ]
+    new, rest = [], []
+    for planned in plan:
+        is_new = planned.source.startswith("project-") and planned.conversation.request in appended
+        (new if is_new else rest).append(planned)
     save_plan(new + random.Random(args.seed).sample(rest, args.replay), args.out)
     print(f"wrote {len(new)} appended and {args.replay} replayed requests to {args.out}")
 

@@ -215,9 +215,9 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
     from .calibrate import is_holdout
     from .data import BuildConfig
     from .expert import RECORD_FILE, train_probe
+    from .trainer import require_adapter
 
-    if not (args.expert_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"`--expert-dir` (={str(args.expert_dir)!r}) holds no peft adapter")
+    require_adapter(args.expert_dir, "--expert-dir")
     build = BuildConfig(
         seed=args.seed,
         harmful_contexts=args.harmful_contexts,
@@ -267,7 +267,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
     )
     from .data import BuildConfig, save_plan
     from .expert import train_expert
-    from .trainer import LoraSettings
+    from .trainer import LoraSettings, require_adapter
 
     data_dir = args.data_dir or default_data_dir()
     if args.plan is None and not (data_dir / "advbench_harmful_behaviors.json").is_file():
@@ -285,8 +285,8 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         benign_contexts=args.benign_contexts,
         batch_size=args.generate_batch_size,
     )
-    if args.init_adapter is not None and not (args.init_adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"`--init-adapter` (={str(args.init_adapter)!r}) holds no peft adapter")
+    if args.init_adapter is not None:
+        require_adapter(args.init_adapter, "--init-adapter")
     plan = _read_plan(args, build)
     if args.save_plan is not None:
         save_plan(plan, args.save_plan)

@@ -21,7 +21,13 @@ from .calibrate import calibrate as calibrate_policy
 from .calibrate import is_holdout
 from .data import BuildConfig, PlannedRequest, build_dataset, save_examples
 from .probe import cross_validated_auc, fit_probe, probe_features
-from .trainer import LoraSettings, load_trainable_adapter, train_lora, wrap_lora
+from .trainer import (
+    LoraSettings,
+    load_trainable_adapter,
+    require_adapter,
+    train_lora,
+    wrap_lora,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,8 @@ def train_expert(
     ``out`` when ``probe`` is None); then, with ``calibrate``, choose the alpha escalation on
     the held-out slice of the plan (:mod:`~ngsd_guard.training.calibrate`); write the adapter
     dir, the probe, ``policy.json`` and ``training.json`` under ``out``. Returns the record."""
+    if init_adapter is not None:
+        require_adapter(init_adapter, "init_adapter")  # before hours of data building
     build = build or BuildConfig()
     lora = lora or LoraSettings(seed=build.seed)
     out = Path(out)

@@ -71,13 +71,19 @@ def wrap_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel
     return get_peft_model(model, config)
 
 
+def require_adapter(adapter_dir: str | Path, option: str) -> None:
+    """Raise :class:`ConfigError`, naming ``option``, unless ``adapter_dir`` holds a peft
+    adapter."""
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ConfigError(f"`{option}` (={str(adapter_dir)!r}) holds no peft adapter")
+
+
 def load_trainable_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
     """A peft model around ``model`` with the adapter of ``adapter_dir`` loaded trainable, to
     go on training an expert (its LoRA rank and targets are the adapter's own)."""
     from peft import PeftModel
 
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise ConfigError(f"`init_adapter` (={str(adapter_dir)!r}) holds no peft adapter")
+    require_adapter(adapter_dir, "init_adapter")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 
