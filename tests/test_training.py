@@ -461,6 +461,8 @@ def test_init_adapter_goes_on_training_the_saved_expert(tokenizer, tmp_path):
         init_adapter=first,
     )
     assert record["training"]["init_adapter"] == str(first)
+    assert record["init_record"] == json.loads((first / "training.json").read_text())
+    assert json.loads((second / "training.json").read_text())["init_record"]["base"] == "tiny"
     for name in ("probe.safetensors", "policy.json"):  # kept, then recalibrated in place
         assert (second / name).is_file()
     assert (second / "probe.safetensors").read_bytes() == (first / "probe.safetensors").read_bytes()

@@ -70,7 +70,8 @@ def train_expert(
     """Train the probe (on the plain base; ``probe`` names its features, None skips it) and
     a LoRA expert from planned requests (see :func:`~ngsd_guard.training.data.plan_requests`),
     or go on training the adapter in ``init_adapter`` (whose probe and policy are copied to
-    ``out`` when ``probe`` is None); then, with ``calibrate``, choose the alpha escalation on
+    ``out`` when ``probe`` is None, and whose ``training.json`` becomes the record's
+    ``init_record``); then, with ``calibrate``, choose the alpha escalation on
     the held-out slice of the plan (:mod:`~ngsd_guard.training.calibrate`); write the adapter
     dir, the probe, ``policy.json`` and ``training.json`` under ``out``. Returns the record."""
     if init_adapter is not None:
@@ -98,6 +99,9 @@ def train_expert(
     holdout = [p for p in plan if calibrate and is_holdout(p.conversation.request)]
     plan = [p for p in plan if not (calibrate and is_holdout(p.conversation.request))]
     record: dict[str, object] = {"base": base_name, "command": command}
+    if init_adapter is not None and (Path(init_adapter) / RECORD_FILE).is_file():
+        # The adapter's history: the record of the run this one goes on from.
+        record["init_record"] = json.loads((Path(init_adapter) / RECORD_FILE).read_text())
     if probe is not None:
         record["probe"] = train_probe(
             engine, plan, probe, out, base_name=base_name, batch_size=build.batch_size
