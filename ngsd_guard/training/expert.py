@@ -74,8 +74,9 @@ def train_expert(
     ``init_record``); then, with ``calibrate``, choose the alpha escalation on
     the held-out slice of the plan (:mod:`~ngsd_guard.training.calibrate`); write the adapter
     dir, the probe, ``policy.json`` and ``training.json`` under ``out``. Returns the record."""
-    if init_adapter is not None:
-        require_adapter(init_adapter, "init_adapter")  # before hours of data building
+    init_dir = None if init_adapter is None else Path(init_adapter)
+    if init_dir is not None:
+        require_adapter(init_dir, "init_adapter")  # before hours of data building
     build = build or BuildConfig()
     lora = lora or LoraSettings(seed=build.seed)
     out = Path(out)
@@ -91,17 +92,17 @@ def train_expert(
         text = engine.render(list(conversation.messages), tools=list(conversation.tools) or None)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    if init_adapter is not None and probe is None:
+    if init_dir is not None and probe is None:
         for name in (PROBE_FILE, POLICY_FILE):
-            if (Path(init_adapter) / name).is_file():
-                shutil.copyfile(Path(init_adapter) / name, out / name)
+            if (init_dir / name).is_file():
+                shutil.copyfile(init_dir / name, out / name)
     calibrate = calibrate and (probe is not None or (out / PROBE_FILE).is_file())
     holdout = [p for p in plan if calibrate and is_holdout(p.conversation.request)]
     plan = [p for p in plan if not (calibrate and is_holdout(p.conversation.request))]
     record: dict[str, object] = {"base": base_name, "command": command}
-    if init_adapter is not None and (Path(init_adapter) / RECORD_FILE).is_file():
+    if init_dir is not None and (init_dir / RECORD_FILE).is_file():
         # The adapter's history: the record of the run this one goes on from.
-        record["init_record"] = json.loads((Path(init_adapter) / RECORD_FILE).read_text())
+        record["init_record"] = json.loads((init_dir / RECORD_FILE).read_text())
     if probe is not None:
         record["probe"] = train_probe(
             engine, plan, probe, out, base_name=base_name, batch_size=build.batch_size
@@ -114,9 +115,7 @@ def train_expert(
     if examples_path is not None:
         save_examples(dataset, examples_path, tokenizer)
     peft_model = (
-        wrap_lora(model, lora)
-        if init_adapter is None
-        else load_trainable_adapter(model, init_adapter)
+        wrap_lora(model, lora) if init_dir is None else load_trainable_adapter(model, init_dir)
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     report = train_lora(peft_model, examples, lora, pad_id=pad)
@@ -127,7 +126,7 @@ def train_expert(
         "first_loss": round(report.first_loss, 4),
         "last_loss": round(report.last_loss, 4),
         "lora": report.settings,
-        "init_adapter": None if init_adapter is None else str(init_adapter),
+        "init_adapter": None if init_dir is None else str(init_dir),
         "device": str(next(model.parameters()).device),
     }
     if calibrate and holdout:
