@@ -55,6 +55,26 @@ def test_recovery_prefix_is_cut_on_token_boundaries():
         recovery_response(compliant, refusal, 6)
 
 
+def test_supportive_replies_open_unlike_refusals_and_point_to_help_early(tokenizer):
+    """The expert learns a self-harm reply only if its first token is its own: were it the
+    generic refusal's ("I'm sorry"), greedy decoding follows the far commoner generic
+    continuation. It must still count as a refusal, and name the help within 64 tokens."""
+    from ngsd_guard.judge import points_to_help
+    from ngsd_guard.training.data import WrittenResponses
+
+    responses = WrittenResponses.load()
+
+    def first(text: str) -> int:
+        return tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+    refusal_openings = {first(t) for t in responses.refusals + responses.in_context}
+    for reply in responses.self_harm:
+        assert first(reply) not in refusal_openings, reply
+        assert is_refusal(reply), reply
+        head = tokenizer.decode(tokenizer(reply, add_special_tokens=False)["input_ids"][:64])
+        assert points_to_help(head), reply
+
+
 def test_end_of_turn_is_read_from_the_chat_template(tokenizer):
     from ngsd_guard.training.data import end_of_turn_id
 
