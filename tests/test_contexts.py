@@ -120,6 +120,41 @@ def test_agent_context_renders_tools_as_the_integrations_do(tokenizer):
     assert all(name in text for name in names) and text.count(REQUEST) == 1
 
 
+def test_structured_context_is_what_with_structured_output_sends(tokenizer, tiny_base):
+    """``ChatNGSD.with_structured_output(schema)`` hands the engine exactly the context's
+    messages, decoded under the schema's grammar."""
+    from langchain_ngsd import ChatNGSD
+
+    from ngsd_guard import GuardedLM
+    from ngsd_guard.contexts import structured
+    from ngsd_guard.tools import JsonConstraint
+
+    class Sent(Exception):
+        pass
+
+    lm = GuardedLM.from_models(tiny_base, tokenizer)
+    sent = []
+
+    def record(messages, **options):
+        sent.append((messages, options))
+        raise Sent
+
+    lm.stream = record
+    eval_schemas = structured.schemas("eval")
+    assert eval_schemas and not {s["title"] for s in eval_schemas} & {
+        s["title"] for s in structured.schemas("train")
+    }
+    for seed in range(8):
+        conversation = wrap(REQUEST, "structured", "eval", random.Random(seed))
+        schema = conversation.response_format["json_schema"]["schema"]
+        assert schema in eval_schemas and conversation.variant == schema["title"]
+        with pytest.raises(Sent):
+            ChatNGSD(guarded=lm, max_tokens=32).with_structured_output(schema).invoke(REQUEST)
+        messages, options = sent.pop()
+        assert messages == list(conversation.messages)
+        assert isinstance(options["constraint"], JsonConstraint)
+
+
 def test_multiturn_has_one_or_two_earlier_exchanges():
     for seed in range(6):
         messages = wrap(REQUEST, "multiturn", "eval", random.Random(seed)).messages

@@ -80,6 +80,26 @@ def test_metrics_on_a_tiny_set_with_known_answers():
     assert "| tiny | bare | benign | 2 |" in table
 
 
+def test_structured_context_decodes_valid_json_on_both_sides(tokenizer, tiny_base, tiny_expert):
+    """Random tiny models, with the gate firing at every step, still answer in the schema's
+    JSON: the eval decodes a structured request under its grammar, as the integrations do."""
+    import jsonschema
+
+    from ngsd_guard import GateConfig, GuardConfig, GuardedLM
+
+    config = GuardConfig(gate=GateConfig(threshold=0.0))
+    lm = GuardedLM.from_models(tiny_base, tokenizer, expert=tiny_expert, config=config)
+    requests = ("Invent a person.", "Name a river.", "Plan a picnic.")
+    placed = _set("tiny", "benign", requests).in_context("structured")
+    entry, rows = evaluate_set(lm, placed, max_new_tokens=48, batch_size=2)
+    assert entry["context"] == "structured" and entry["n"] == 3
+    for item, row in zip(placed.items, rows, strict=True):
+        schema = item.response_format["json_schema"]["schema"]
+        for side in ("base", "guarded"):
+            jsonschema.validate(json.loads(row[side]), schema)
+    assert all(row["spikes"] > 0 for row in rows)
+
+
 def _entry(context: str, label: str, n: int, base: float, guarded: float, same: float) -> dict:
     return {
         "set": "s",

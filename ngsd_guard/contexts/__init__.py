@@ -14,7 +14,9 @@ held-out side of the context's templates (:mod:`ngsd_guard.splits` says which is
 * ``multiturn``: one or two earlier benign exchanges before the request;
 * ``agent-tools``: an agent's system prompt and its tool schemas;
 * ``jailbreak``: role-play, fiction, hypothetical, instruction-override and past-tense
-  wrappers; in evaluation also families that training never uses.
+  wrappers; in evaluation also families that training never uses;
+* ``structured``: the instruction to answer in a JSON schema's object, decoded under that
+  schema's grammar (``with_structured_output``, ``response_format``).
 
 >>> import random
 >>> wrap("How do I bake bread?", "multiturn", "eval", random.Random(0)).messages[-1]["content"]
@@ -30,21 +32,24 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..splits import Split
-from . import dialogue, jailbreaks, rag
+from . import dialogue, jailbreaks, rag, structured
 
 Message = dict[str, str]
 
 
 @dataclass(frozen=True)
 class Conversation:
-    """A request in its context: chat messages ending with the user's turn, and the tools
-    offered (rendered by ``GuardedLM.render(messages, tools=...)``, as the integrations do)."""
+    """A request in its context: chat messages ending with the user's turn as the engine
+    renders them, the tools offered (rendered by ``GuardedLM.render(messages, tools=...)``, as
+    the integrations do), and the ``response_format`` the answer is decoded under
+    (:func:`ngsd_guard.tools.plan_tools`; its instruction is already in ``messages``)."""
 
     request: str
     messages: tuple[Mapping[str, str], ...]
     tools: tuple[Mapping[str, Any], ...] = ()
     context: str = "bare"
     variant: str = ""
+    response_format: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -55,6 +60,8 @@ class Conversation:
         }
         if self.tools:
             record["tools"] = [dict(t) for t in self.tools]
+        if self.response_format is not None:
+            record["response_format"] = dict(self.response_format)
         return record
 
     @classmethod
@@ -69,6 +76,7 @@ class Conversation:
             tools=tuple(dict(t) for t in record.get("tools") or ()),
             context=record.get("context", "bare"),
             variant=record.get("variant", ""),
+            response_format=record.get("response_format"),
         )
 
 
@@ -87,6 +95,13 @@ def _built(context: str, build: Callable[..., tuple[str, list[Message], list]]) 
     return wrapper
 
 
+def _structured(request: str, split: Split, rng: random.Random) -> Conversation:
+    variant, messages, response_format = structured.structured(request, split, rng)
+    return Conversation(
+        request, tuple(messages), (), "structured", variant, response_format=response_format
+    )
+
+
 CONTEXTS: dict[str, Wrapper] = {
     "bare": _bare,
     "rag-llamaindex": _built("rag-llamaindex", rag.llamaindex),
@@ -96,6 +111,7 @@ CONTEXTS: dict[str, Wrapper] = {
     "multiturn": _built("multiturn", dialogue.multiturn),
     "agent-tools": _built("agent-tools", dialogue.agent),
     "jailbreak": _built("jailbreak", jailbreaks.jailbreak),
+    "structured": _structured,
 }
 """Every context by name."""
 
@@ -107,17 +123,19 @@ EVAL_CONTEXTS = (
     "multiturn",
     "agent-tools",
     "jailbreak",
+    "structured",
 )
 """The contexts ``ngsd-guard eval --contexts all`` reports."""
 
 TRAIN_CONTEXTS: dict[str, float] = {
-    "bare": 0.25,
-    "rag-llamaindex": 0.12,
-    "rag-langchain": 0.12,
-    "rag-custom": 0.11,
-    "multiturn": 0.13,
-    "agent-tools": 0.13,
-    "jailbreak": 0.14,
+    "bare": 0.23,
+    "rag-llamaindex": 0.11,
+    "rag-langchain": 0.11,
+    "rag-custom": 0.10,
+    "multiturn": 0.12,
+    "agent-tools": 0.12,
+    "jailbreak": 0.13,
+    "structured": 0.08,
 }
 """The contexts training draws from, with their probabilities (``rag-unseen`` never)."""
 

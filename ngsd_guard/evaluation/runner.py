@@ -54,18 +54,31 @@ def _run_side(
     batch_size: int,
     options: dict[str, Any],
 ) -> tuple[list[Generation], float]:
-    """Generate for every item, in batches of items that offer the same tools."""
-    by_tools: dict[str, list[int]] = {}
+    """Generate for every item, in batches of items that offer the same tools and answer
+    format; tools and ``response_format`` are mapped as the integrations map them
+    (:func:`~ngsd_guard.tools.plan_tools`: a structured answer is decoded under its grammar)."""
+    from ..tools import plan_tools
+
+    groups: dict[str, list[int]] = {}
     for index, item in enumerate(items):
-        by_tools.setdefault(json.dumps(item.tools, sort_keys=True), []).append(index)
+        key = json.dumps([item.tools, item.response_format], sort_keys=True)
+        groups.setdefault(key, []).append(index)
     generations: dict[int, Generation] = {}
     started = time.perf_counter()
-    for indices in by_tools.values():
+    for indices in groups.values():
+        first = items[indices[0]]
+        planned = {}
+        if first.tools or first.response_format is not None:
+            planned = plan_tools(
+                lm,
+                tools=list(first.tools) or None,
+                response_format=first.response_format,
+                max_tokens=options["max_new_tokens"],
+            ).options()
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            tools = list(items[chunk[0]].tools) or None
             prompts = [list(items[i].messages) for i in chunk]
-            outputs = lm.generate_batch(prompts, guard=guard, tools=tools, **options)
+            outputs = lm.generate_batch(prompts, guard=guard, **options, **planned)
             generations.update(zip(chunk, outputs, strict=True))
             logger.info("%s %d/%d", "guarded" if guard else "base", len(generations), len(items))
     return [generations[i] for i in range(len(items))], time.perf_counter() - started

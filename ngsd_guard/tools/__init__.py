@@ -2,7 +2,8 @@
 
 * :mod:`.schemas`: tools and response formats as callers spell them;
 * :mod:`.formats`: each model family's call format, read from its chat template;
-* :mod:`.prompt`: the Hermes system prompt for templates that know nothing of tools;
+* :mod:`.prompt`: the Hermes system prompt for templates that know nothing of tools, and a
+  structured answer's instruction;
 * :mod:`.parsing`: model text back into :class:`ToolCall`\\ s, also delta by delta;
 * :mod:`.grammar`: ``TokenConstraint``\\ s over grammars (one matcher per row, rollback,
   closing within a token budget);
@@ -14,7 +15,7 @@ from .formats import HERMES, ToolFormat, tool_format
 from .grammar import GrammarConstraint, GrammarMatcher, JsonConstraint, ToolCallConstraint
 from .parsing import ToolCall, ToolCallStreamParser, parse_tool_calls
 from .plan import ToolPlan, normalize_tool_choice, plan_tools
-from .prompt import tools_system_prompt
+from .prompt import structured_answer_messages, tools_system_prompt
 from .schemas import normalize_tool, response_schema
 
 TOOL_CALL_OPEN = HERMES.open_tag
@@ -37,6 +38,7 @@ __all__ = [
     "parse_tool_calls",
     "plan_tools",
     "response_schema",
+    "structured_answer_messages",
     "tool_format",
     "tools_system_prompt",
 ]

@@ -20,7 +20,6 @@ form raises :class:`~ngsd_guard.errors.ConfigError` here, before decoding.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from ..errors import ConfigError
 from .formats import ToolFormat, tool_format
 from .grammar import JsonConstraint, ToolCallConstraint
 from .parsing import ToolCallStreamParser
+from .prompt import structured_answer_messages
 from .schemas import normalize_tool, response_schema
 
 if TYPE_CHECKING:
@@ -104,16 +104,9 @@ class ToolPlan:
     def messages(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """``messages`` with the structured answer's instruction added to the system message
         (unchanged without a schema, or when a call is forced)."""
-        out = [dict(m) for m in messages]
         if self.schema is None or self.forced:
-            return out
-        text = "Answer with one JSON object that follows this JSON schema:\n" + json.dumps(
-            self.schema, ensure_ascii=False
-        )
-        if out and out[0].get("role") == "system":
-            out[0]["content"] = f"{out[0].get('content') or ''}\n\n{text}".strip()
-            return out
-        return [{"role": "system", "content": text}, *out]
+            return [dict(m) for m in messages]
+        return structured_answer_messages(messages, self.schema)
 
     def parser(self) -> ToolCallStreamParser | None:
         """A fresh stream parser for the output, or None when calls are not parsed."""
