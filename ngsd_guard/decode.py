@@ -232,6 +232,10 @@ class Decoder:
         base_prompts = [s.base_ids for s in specs]
         features = self.features if any(s.alpha is None for s in specs) else None
         spans = [s.span or (0, len(s.base_ids)) for s in specs]
+        # every slot the rows may fill: their budgets and one window of drafts past them
+        spare = max(s.decoding.max_new_tokens for s in specs) + max(
+            self.max_window, self.quiet_window
+        )
         expert_pre: Prefill | None = None
         joint = self.expert.joint_adapter if self.expert is not None else None
         if self.expert is not None and joint and all(s.base_ids == s.expert_ids for s in specs):
@@ -242,13 +246,16 @@ class Decoder:
                 features=features,
                 spans=[*spans, *spans],
                 adapter_names=["__base__"] * count + [joint] * count,
+                spare=spare,
             )
             base_pre, expert_pre = split(both, count, (self.base, self.expert.runner))
         else:
-            base_pre = prefill(self.base, base_prompts, pad_id, features=features, spans=spans)
+            base_pre = prefill(
+                self.base, base_prompts, pad_id, features=features, spans=spans, spare=spare
+            )
             if self.expert is not None:
                 expert_prompts = [s.expert_ids for s in specs]
-                expert_pre = prefill(self.expert.runner, expert_prompts, pad_id)
+                expert_pre = prefill(self.expert.runner, expert_prompts, pad_id, spare=spare)
         if self._timing.estimate("verify") is None:  # a prompt's forward: a first guess
             self._timing.observe("verify", time.perf_counter() - admitted)
         read = prompt_features(features, base_pre, expert_pre) if features is not None else None

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from .experts import Runner
 from .features import PromptFeatures, first_divergence
+from .kv_cache import ReservedCache
 
 COMPACT_MIN_SLOTS = 32
 """Compact once this many slots (and at least :data:`COMPACT_MIN_SHARE` of the cache) are dead
@@ -151,10 +152,12 @@ def prefill(
     features: PromptFeatures | None = None,
     spans: Sequence[tuple[int, int]] | None = None,
     adapter_names: Sequence[str] | None = None,
+    spare: int = 0,
 ) -> Prefill:
     """Feed left-padded prompts to a fresh cache: the side, the next-token logits (B, V) and,
     if ``features`` are asked, the (B, F) prompt features pooled from this forward, with
-    ``spans`` each prompt's [start, end) token positions of its last user message."""
+    ``spans`` each prompt's [start, end) token positions of its last user message. The cache
+    reserves ``spare`` slots past the prompts (:class:`~ngsd_guard.kv_cache.ReservedCache`)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -172,7 +175,7 @@ def prefill(
                 for p, (start, end) in zip(prompts, spans, strict=True)
             ]
         )
-    cache = DynamicCache()
+    cache = ReservedCache(spare)
     logits, pooled = runner.forward(
         ids,
         mask,
@@ -198,7 +201,7 @@ def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tupl
         states = [(layer.keys[index], layer.values[index]) for layer in side.cache.layers]
         part = ModelSide(
             runner,
-            DynamicCache(ddp_cache_data=states),
+            ReservedCache(side.cache.spare, states),
             side.mask[index],
             side.next_position[index],
         )
