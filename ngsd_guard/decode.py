@@ -232,10 +232,14 @@ class Decoder:
         base_prompts = [s.base_ids for s in specs]
         features = self.features if any(s.alpha is None for s in specs) else None
         spans = [s.span or (0, len(s.base_ids)) for s in specs]
-        # every slot the rows may fill: their budgets and one window of drafts past them
-        spare = max(s.decoding.max_new_tokens for s in specs) + max(
-            self.max_window, self.quiet_window
-        )
+        # On a CPU the caches reserve every slot the rows may fill (their budgets and a window
+        # of drafts past them): untouched storage is not resident, and writing in place keeps
+        # glibc's heap from fragmenting. A GPU allocator would hold the reservation, so there
+        # the caches grow in chunks instead.
+        budget = max(s.decoding.max_new_tokens for s in specs)
+        spare = budget + max(self.max_window, self.quiet_window)
+        if self.base.out_device.type != "cpu":
+            spare = 0
         expert_pre: Prefill | None = None
         joint = self.expert.joint_adapter if self.expert is not None else None
         if self.expert is not None and joint and all(s.base_ids == s.expert_ids for s in specs):
