@@ -232,14 +232,6 @@ class Decoder:
         base_prompts = [s.base_ids for s in specs]
         features = self.features if any(s.alpha is None for s in specs) else None
         spans = [s.span or (0, len(s.base_ids)) for s in specs]
-        # On a CPU the caches reserve every slot the rows may fill (their budgets and a window
-        # of drafts past them): untouched storage is not resident, and writing in place keeps
-        # glibc's heap from fragmenting. A GPU allocator would hold the reservation, so there
-        # the caches grow in chunks instead.
-        budget = max(s.decoding.max_new_tokens for s in specs)
-        spare = budget + max(self.max_window, self.quiet_window)
-        if self.base.out_device.type != "cpu":
-            spare = 0
         expert_pre: Prefill | None = None
         joint = self.expert.joint_adapter if self.expert is not None else None
         if self.expert is not None and joint and all(s.base_ids == s.expert_ids for s in specs):
@@ -250,16 +242,13 @@ class Decoder:
                 features=features,
                 spans=[*spans, *spans],
                 adapter_names=["__base__"] * count + [joint] * count,
-                spare=spare,
             )
             base_pre, expert_pre = split(both, count, (self.base, self.expert.runner))
         else:
-            base_pre = prefill(
-                self.base, base_prompts, pad_id, features=features, spans=spans, spare=spare
-            )
+            base_pre = prefill(self.base, base_prompts, pad_id, features=features, spans=spans)
             if self.expert is not None:
                 expert_prompts = [s.expert_ids for s in specs]
-                expert_pre = prefill(self.expert.runner, expert_prompts, pad_id, spare=spare)
+                expert_pre = prefill(self.expert.runner, expert_prompts, pad_id)
         if self._timing.estimate("verify") is None:  # a prompt's forward: a first guess
             self._timing.observe("verify", time.perf_counter() - admitted)
         read = prompt_features(features, base_pre, expert_pre) if features is not None else None

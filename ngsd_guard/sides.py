@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from .experts import Runner
 from .features import PromptFeatures, first_divergence
-from .kv_cache import ReservedCache
+from .kv_cache import ChunkedCache
 
 COMPACT_MIN_SLOTS = 32
 """Compact once this many slots (and at least :data:`COMPACT_MIN_SHARE` of the cache) are dead
@@ -152,12 +152,11 @@ def prefill(
     features: PromptFeatures | None = None,
     spans: Sequence[tuple[int, int]] | None = None,
     adapter_names: Sequence[str] | None = None,
-    spare: int = 0,
 ) -> Prefill:
     """Feed left-padded prompts to a fresh cache: the side, the next-token logits (B, V) and,
     if ``features`` are asked, the (B, F) prompt features pooled from this forward, with
     ``spans`` each prompt's [start, end) token positions of its last user message. The cache
-    reserves ``spare`` slots past the prompts (:class:`~ngsd_guard.kv_cache.ReservedCache`)."""
+    grows in chunks (:class:`~ngsd_guard.kv_cache.ChunkedCache`)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -175,7 +174,7 @@ def prefill(
                 for p, (start, end) in zip(prompts, spans, strict=True)
             ]
         )
-    cache = ReservedCache(spare)
+    cache = ChunkedCache()
     logits, pooled = runner.forward(
         ids,
         mask,
@@ -201,7 +200,7 @@ def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tupl
         states = [(layer.keys[index], layer.values[index]) for layer in side.cache.layers]
         part = ModelSide(
             runner,
-            ReservedCache(side.cache.spare, states),
+            ChunkedCache(states),
             side.mask[index],
             side.next_position[index],
         )

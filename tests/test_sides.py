@@ -46,11 +46,13 @@ def test_rows_leave_and_join(tiny_base):
     assert torch.allclose(logits[1], _full(tiny_base, [12, 13, 14, 15, 16, 17, 31]), atol=1e-4)
 
 
-def test_a_side_with_spare_slots_writes_in_place_and_gives_the_same_logits(tiny_base):
+def test_a_side_writes_in_place_within_a_chunk_and_gives_the_same_logits(tiny_base):
+    from ngsd_guard.kv_cache import CHUNK
+
     prompt = [5, 6, 7, 8]
-    side = prefill(_runner(tiny_base), [prompt], pad_id=2, spare=6).side
+    side = prefill(_runner(tiny_base), [prompt], pad_id=2).side
     layer = side.cache.layers[0]
-    assert layer.capacity == len(prompt) + 6
+    assert layer.capacity == len(prompt) + CHUNK
     storage = layer.keys.data_ptr()
     fed = []
     for token in (20, 21, 22, 23, 24, 25):
