@@ -22,7 +22,6 @@ from transformers import DynamicCache
 
 from .experts import Runner
 from .features import PromptFeatures, first_divergence
-from .kv_cache import ChunkedCache
 
 COMPACT_MIN_SLOTS = 32
 """Compact once this many slots (and at least :data:`COMPACT_MIN_SHARE` of the cache) are dead
@@ -155,8 +154,7 @@ def prefill(
 ) -> Prefill:
     """Feed left-padded prompts to a fresh cache: the side, the next-token logits (B, V) and,
     if ``features`` are asked, the (B, F) prompt features pooled from this forward, with
-    ``spans`` each prompt's [start, end) token positions of its last user message. The cache
-    grows in chunks (:class:`~ngsd_guard.kv_cache.ChunkedCache`)."""
+    ``spans`` each prompt's [start, end) token positions of its last user message."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -174,7 +172,7 @@ def prefill(
                 for p, (start, end) in zip(prompts, spans, strict=True)
             ]
         )
-    cache = ChunkedCache()
+    cache = DynamicCache()
     logits, pooled = runner.forward(
         ids,
         mask,
@@ -200,7 +198,7 @@ def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tupl
         states = [(layer.keys[index], layer.values[index]) for layer in side.cache.layers]
         part = ModelSide(
             runner,
-            ChunkedCache(states),
+            DynamicCache(ddp_cache_data=states),
             side.mask[index],
             side.next_position[index],
         )
