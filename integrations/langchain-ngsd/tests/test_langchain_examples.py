@@ -58,7 +58,10 @@ def test_agent_example_searches_then_gives_a_structured_answer() -> None:
         assert re.search(guard, section, re.M)
         gate_lines = re.findall(r"^  \[gate\] token \d+: divergence", section, re.M)
         assert f"\n  gate events: {len(gate_lines)}" in section
-    assert results[1].startswith("Greenleaf sells slow-release fertiliser")  # the question, copied
+    # the benign turn finds the opening hours and is answered as the base would; the harmful
+    # turn is refused (what the guard writes into its forced search query varies by expert)
+    assert results[0].startswith("The Greenleaf garden centre is open")
+    assert "refused False" in sections[0] and "refused True" in sections[1]
     assert "gate events: 0" not in sections[1]
 
 
