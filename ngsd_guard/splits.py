@@ -15,7 +15,8 @@ evaluation.
   the templates of each training jailbreak family: index ``i % 4 == 3`` evaluates
   (``project-harmful``, ``project-benign``), the rest trains;
 * RAG templates: the frameworks' defaults on both sides; the project's custom ones train,
-  the unseen ones evaluate; jailbreak families: the unseen ones evaluate only.
+  the unseen ones evaluate; text ReAct prompts: LlamaIndex's on both sides, LangChain's
+  evaluates only; jailbreak families: the unseen ones evaluate only.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ templates (``rag-llamaindex``, ``rag-langchain``) are used by both sides, as use
 
 RAG_UNSEEN_TEMPLATES = ("given-information", "xml-documents", "markdown-sources", "support-bot")
 """RAG templates that training never uses (``rag-unseen``)."""
+
+REACT_UNSEEN_TEMPLATES = ("langchain-react",)
+"""Text ReAct prompts that training never uses (``agent-react``); LlamaIndex's default trains."""
 
 JAILBREAK_TRAIN_FAMILIES = (
     "roleplay",

@@ -6,6 +6,10 @@ keep the project's requests appended after the first stage was trained (harmful 
 benign items 244 on) and a random replay of the others, all outside the calibration slice::
 
     python scripts/corrective_plan.py ALL OUT --replay 240
+
+Each request is kept in its first planned context. ``--weight self_harm=3`` keeps every request
+of that category outside the calibration slice, each in up to three of its planned contexts: with
+a plan made with ``--harmful-contexts 3`` it is trained three times, each time in another one.
 """
 
 from __future__ import annotations
@@ -29,18 +33,45 @@ def appended_requests() -> set[str]:
     return texts
 
 
+def weights(specs: list[str]) -> dict[str, int]:
+    """``CATEGORY=K`` pairs as a mapping."""
+    out = {}
+    for spec in specs:
+        category, _, k = spec.partition("=")
+        if not category or not k.isdigit() or int(k) < 1:
+            raise SystemExit(f"--weight takes CATEGORY=K with K >= 1, got {spec!r}")
+        out[category] = int(k)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("plan", help="every training request in one context (JSONL)")
     parser.add_argument("out", help="the corrective plan (JSONL)")
     parser.add_argument("--replay", type=int, default=240, help="earlier requests kept")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="CATEGORY=K",
+        help="keep this category's requests in up to K contexts (repeatable)",
+    )
     args = parser.parse_args()
-    plan = [p for p in load_plan(args.plan) if not is_holdout(p.conversation.request)]
+    weight = weights(args.weight)
+    seen: dict[tuple[str, str], int] = {}
+    plan = []
+    for planned in load_plan(args.plan):
+        key = (planned.label, planned.conversation.request)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= weight.get(planned.category, 1) and not is_holdout(key[1]):
+            plan.append(planned)
     appended = appended_requests()
     new, rest = [], []
     for planned in plan:
-        is_new = planned.source.startswith("project-") and planned.conversation.request in appended
+        is_new = planned.category in weight or (
+            planned.source.startswith("project-") and planned.conversation.request in appended
+        )
         (new if is_new else rest).append(planned)
     save_plan(new + random.Random(args.seed).sample(rest, args.replay), args.out)
     print(f"wrote {len(new)} appended and {args.replay} replayed requests to {args.out}")

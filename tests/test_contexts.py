@@ -10,6 +10,7 @@ from ngsd_guard.contexts import (
     CONTEXTS,
     EVAL_CONTEXTS,
     TRAIN_CONTEXTS,
+    dialogue,
     jailbreaks,
     rag,
     wrap,
@@ -120,6 +121,69 @@ def test_agent_context_renders_tools_as_the_integrations_do(tokenizer):
     assert all(name in text for name in names) and text.count(REQUEST) == 1
 
 
+def test_llamaindex_react_agent_sends_the_wrapped_prompt():
+    """A real LlamaIndex ``ReActAgent`` with a system prompt and a typed tool sends exactly the
+    ``agent-react`` messages for that tool's schema."""
+    import asyncio
+
+    from llama_index.core.agent.workflow import ReActAgent
+    from llama_index.core.base.llms.types import ChatMessage, ChatResponse
+    from llama_index.core.tools import FunctionTool
+
+    from ngsd_guard.contexts import react
+
+    def get_order(order_id: str, include_items: bool = False) -> str:
+        """Look up an order by its id."""
+        return ""
+
+    class Answering(type(_recording_llama_index_llm())):
+        def chat(self, messages, **kwargs):
+            super().chat(messages)
+            answer = "Thought: I can answer without using any more tools.\nAnswer: ok"
+            return ChatResponse(message=ChatMessage(role="assistant", content=answer))
+
+    tool = FunctionTool.from_defaults(get_order)
+    recorder = Answering(calls=[])
+    system = "You are the order assistant of a shop."
+    agent = ReActAgent(tools=[tool], llm=recorder, system_prompt=system, streaming=False)
+
+    async def run() -> str:
+        return str(await agent.run(REQUEST))
+
+    assert asyncio.run(run()) == "ok"
+    schema = tool.metadata.to_openai_tool()
+    assert recorder.calls == [react.llamaindex_react_messages(REQUEST, [schema], system)]
+    without = react.llamaindex_react_messages(REQUEST, [schema])
+    assert "get_order" in without[0]["content"] and system not in without[0]["content"]
+
+
+def test_langchain_react_prompt_lists_the_tools_and_ends_with_the_question():
+    from ngsd_guard.contexts import react
+
+    name, messages, tools = _variant(react.react, "langchain-react/")
+    agent = next(a for a in dialogue.agents("eval") if name.endswith("/" + a["name"]))
+    (message,) = messages
+    text = message["content"]
+    assert message["role"] == "user" and tools == []
+    assert text.startswith("Answer the following questions as best you can.")
+    assert text.endswith(f"Question: {REQUEST}\nThought:")
+    for tool in agent["tools"]:
+        assert f"\n{tool['function']['name']} - {tool['function']['description']}, args: {{" in text
+
+
+def test_react_training_side_uses_only_the_framework_default():
+    train = {react_variant("train", seed) for seed in range(40)}
+    held_out = {react_variant("eval", seed) for seed in range(40)}
+    assert train == {"llamaindex-react"}
+    assert held_out == {"llamaindex-react", "langchain-react"}
+
+
+def react_variant(split: str, seed: int) -> str:
+    from ngsd_guard.contexts import react
+
+    return react.react(REQUEST, split, random.Random(seed))[0].split("/")[0].removesuffix("-system")
+
+
 def test_structured_context_is_what_with_structured_output_sends(tokenizer, tiny_base):
     """``ChatNGSD.with_structured_output(schema)`` hands the engine exactly the context's
     messages, decoded under the schema's grammar."""
@@ -171,12 +235,15 @@ def test_jailbreak_templates_fill_and_past_tense_rewrites():
                 assert "{" not in text
 
 
-def _variant(builder, variant: str) -> list[dict]:
-    """The messages ``builder`` gives for REQUEST under ``variant`` (tries seeds until drawn)."""
+def _variant(builder, variant: str):
+    """The messages ``builder`` gives for REQUEST under ``variant`` (tries seeds until drawn);
+    a ``variant`` ending in "/" matches by prefix and gives ``(name, messages, tools)``."""
     for seed in range(100):
-        name, messages, _ = builder(REQUEST, "eval", random.Random(seed))
-        if name == variant:
-            return messages
+        built = builder(REQUEST, "eval", random.Random(seed))
+        if built[0] == variant:
+            return built[1]
+        if variant.endswith("/") and built[0].startswith(variant):
+            return built
     raise AssertionError(f"variant {variant} never drawn")
 
 

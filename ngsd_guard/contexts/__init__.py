@@ -13,6 +13,8 @@ held-out side of the context's templates (:mod:`ngsd_guard.splits` says which is
 * ``rag-unseen``: RAG templates that training never uses (evaluation only);
 * ``multiturn``: one or two earlier benign exchanges before the request;
 * ``agent-tools``: an agent's system prompt and its tool schemas;
+* ``agent-react``: a text ReAct agent's prompt listing the same agents' tools (LlamaIndex's
+  ``ReActAgent``; LangChain's classic ReAct prompt in evaluation only);
 * ``jailbreak``: role-play, fiction, hypothetical, instruction-override and past-tense
   wrappers; in evaluation also families that training never uses;
 * ``structured``: the instruction to answer in a JSON schema's object, decoded under that
@@ -32,7 +34,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..splits import Split
-from . import dialogue, jailbreaks, rag, structured
+from . import dialogue, jailbreaks, rag, react, structured
 
 Message = dict[str, str]
 
@@ -110,6 +112,7 @@ CONTEXTS: dict[str, Wrapper] = {
     "rag-unseen": _built("rag-unseen", rag.unseen),
     "multiturn": _built("multiturn", dialogue.multiturn),
     "agent-tools": _built("agent-tools", dialogue.agent),
+    "agent-react": _built("agent-react", react.react),
     "jailbreak": _built("jailbreak", jailbreaks.jailbreak),
     "structured": _structured,
 }
@@ -122,18 +125,20 @@ EVAL_CONTEXTS = (
     "rag-unseen",
     "multiturn",
     "agent-tools",
+    "agent-react",
     "jailbreak",
     "structured",
 )
 """The contexts ``ngsd-guard eval --contexts all`` reports."""
 
 TRAIN_CONTEXTS: dict[str, float] = {
-    "bare": 0.23,
-    "rag-llamaindex": 0.11,
-    "rag-langchain": 0.11,
+    "bare": 0.22,
+    "rag-llamaindex": 0.10,
+    "rag-langchain": 0.10,
     "rag-custom": 0.10,
-    "multiturn": 0.12,
-    "agent-tools": 0.12,
+    "multiturn": 0.11,
+    "agent-tools": 0.10,
+    "agent-react": 0.06,
     "jailbreak": 0.13,
     "structured": 0.08,
 }
