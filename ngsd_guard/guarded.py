@@ -513,9 +513,17 @@ class GuardedLM:
         stop = [*self.config.decoding.stop, *(options.get("stop") or ())]
         fields["stop"] = tuple(dict.fromkeys(stop))
         room = self.context_window - max(len(tokens.base), len(tokens.expert))
+        constraint = options.get("constraint")
+        if constraint is not None and room < fields["max_new_tokens"]:
+            # a constraint closes its output within the budget it was given, not a clipped one
+            raise ContextTooLongError(
+                f"the prompt leaves {room} tokens of the context window of {self.model_name} "
+                f"({self.context_window}), fewer than the constrained output's budget "
+                f"`max_new_tokens` (={fields['max_new_tokens']}); shorten the prompt or lower "
+                "the budget"
+            )
         fields["max_new_tokens"] = min(fields["max_new_tokens"], room)
         decoding = DecodingConfig(**fields)
-        constraint = options.get("constraint")
         spec = RowSpec(
             row=row,
             base_ids=tokens.base,

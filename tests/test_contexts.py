@@ -186,37 +186,86 @@ def react_variant(split: str, seed: int) -> str:
 
 def test_structured_context_is_what_with_structured_output_sends(tokenizer, tiny_base):
     """``ChatNGSD.with_structured_output(schema)`` hands the engine exactly the context's
-    messages, decoded under the schema's grammar."""
+    messages and constraint: the ``json-schema`` variant with its default method, the
+    ``tool-call`` variant with ``method="function_calling"`` (the same tool, forced)."""
     from langchain_ngsd import ChatNGSD
 
-    from ngsd_guard import GuardedLM
     from ngsd_guard.contexts import structured
-    from ngsd_guard.tools import JsonConstraint
+    from ngsd_guard.tools import JsonConstraint, ToolCallConstraint
 
-    class Sent(Exception):
-        pass
-
-    lm = GuardedLM.from_models(tiny_base, tokenizer)
-    sent = []
-
-    def record(messages, **options):
-        sent.append((messages, options))
-        raise Sent
-
-    lm.stream = record
+    lm, sent = _recording_engine(tokenizer, tiny_base)
     eval_schemas = structured.schemas("eval")
     assert eval_schemas and not {s["title"] for s in eval_schemas} & {
         s["title"] for s in structured.schemas("train")
     }
-    for seed in range(8):
+    variants = set()
+    for seed in range(12):
         conversation = wrap(REQUEST, "structured", "eval", random.Random(seed))
-        schema = conversation.response_format["json_schema"]["schema"]
-        assert schema in eval_schemas and conversation.variant == schema["title"]
-        with pytest.raises(Sent):
-            ChatNGSD(guarded=lm, max_tokens=32).with_structured_output(schema).invoke(REQUEST)
+        method, _, title = conversation.variant.partition("/")
+        (schema,) = [s for s in eval_schemas if s["title"] == title]
+        variants.add(method)
+        chat = ChatNGSD(guarded=lm, max_tokens=96)
+        if method == "json-schema":
+            runnable = chat.with_structured_output(schema)
+        else:
+            runnable = chat.with_structured_output(schema, method="function_calling")
+        with pytest.raises(_Sent):
+            runnable.invoke(REQUEST)
         messages, options = sent.pop()
         assert messages == list(conversation.messages)
-        assert isinstance(options["constraint"], JsonConstraint)
+        if method == "json-schema":
+            assert conversation.response_format["json_schema"]["schema"] == schema
+            assert isinstance(options["constraint"], JsonConstraint)
+        else:
+            assert messages == [{"role": "user", "content": REQUEST}]
+            assert options["tools"] == list(conversation.tools)
+            assert isinstance(options["constraint"], ToolCallConstraint)
+    assert variants == {"json-schema", "tool-call"}
+
+
+def test_structured_tool_call_is_what_llamaindex_structured_predict_sends(tokenizer, tiny_base):
+    """LlamaIndex's ``structured_predict`` (a function-calling program) sends the request as it
+    is, with the output class as the one tool and the call forced."""
+    from llama_index.core.prompts import PromptTemplate
+    from llama_index.llms.ngsd import NGSD
+    from pydantic import BaseModel
+
+    from ngsd_guard.tools import ToolCallConstraint
+
+    class Person(BaseModel):
+        """A made-up person."""
+
+        name: str
+        age: int
+
+    lm, sent = _recording_engine(tokenizer, tiny_base)
+    with pytest.raises(_Sent):
+        NGSD(guarded=lm, max_tokens=96).structured_predict(
+            Person, PromptTemplate("{request}"), request=REQUEST
+        )
+    messages, options = sent.pop()
+    assert messages == [{"role": "user", "content": REQUEST}]
+    assert [t["function"]["name"] for t in options["tools"]] == ["Person"]
+    assert isinstance(options["constraint"], ToolCallConstraint)
+
+
+class _Sent(Exception):
+    pass
+
+
+def _recording_engine(tokenizer, model):
+    """A GuardedLM whose ``stream`` records ``(messages, options)`` and stops the call."""
+    from ngsd_guard import GuardedLM
+
+    lm = GuardedLM.from_models(model, tokenizer)
+    sent = []
+
+    def record(messages, **options):
+        sent.append((messages, options))
+        raise _Sent
+
+    lm.stream = record
+    return lm, sent
 
 
 def test_multiturn_has_one_or_two_earlier_exchanges():

@@ -47,6 +47,19 @@ def test_budget_is_clipped_to_the_context(lm):
     assert result.summary.tokens + result.summary.prompt_tokens <= 256
 
 
+def test_constrained_budget_is_not_clipped_silently(lm, tokenizer):
+    """A grammar closes its output within the budget it was given: a prompt that leaves less
+    room than that budget is an error, not a JSON value cut off at the window."""
+    from ngsd_guard.tools import JsonConstraint
+
+    constraint = JsonConstraint(tokenizer, {"type": "object"}, max_tokens=64)
+    with pytest.raises(ContextTooLongError, match="leaves .* fewer than the constrained"):
+        lm.generate("word " * 200, max_new_tokens=64, constraint=constraint)
+    still_works(lm)
+    answer = lm.generate("word " * 20, max_new_tokens=64, constraint=constraint)
+    assert answer.text.startswith("{") and answer.finish_reason == "stop"
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:0", "nonsense"])
 def test_unknown_or_missing_device(device):
     import torch

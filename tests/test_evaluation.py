@@ -82,21 +82,33 @@ def test_metrics_on_a_tiny_set_with_known_answers():
 
 def test_structured_context_decodes_valid_json_on_both_sides(tokenizer, tiny_base, tiny_expert):
     """Random tiny models, with the gate firing at every step, still answer in the schema's
-    JSON: the eval decodes a structured request under its grammar, as the integrations do."""
+    JSON, as an object or as the forced call's arguments: the eval decodes a structured request
+    under its grammar, as the integrations do."""
     import jsonschema
 
     from ngsd_guard import GateConfig, GuardConfig, GuardedLM
+    from ngsd_guard.contexts import structured
+    from ngsd_guard.tools import parse_tool_calls, tool_format
 
     config = GuardConfig(gate=GateConfig(threshold=0.0))
     lm = GuardedLM.from_models(tiny_base, tokenizer, expert=tiny_expert, config=config)
-    requests = ("Invent a person.", "Name a river.", "Plan a picnic.")
+    requests = ("Invent a person.", "Name a river.", "Plan a picnic.", "Sort these words.")
     placed = _set("tiny", "benign", requests).in_context("structured")
-    entry, rows = evaluate_set(lm, placed, max_new_tokens=48, batch_size=2)
-    assert entry["context"] == "structured" and entry["n"] == 3
+    methods = {item.variant.split("/")[0] for item in placed.items}
+    assert methods == {"json-schema", "tool-call"}
+    entry, rows = evaluate_set(lm, placed, max_new_tokens=64, batch_size=2)
+    assert entry["context"] == "structured" and entry["n"] == len(requests)
+    schemas = {s["title"]: s for s in structured.schemas("eval")}
     for item, row in zip(placed.items, rows, strict=True):
-        schema = item.response_format["json_schema"]["schema"]
+        method, _, title = item.variant.partition("/")
         for side in ("base", "guarded"):
-            jsonschema.validate(json.loads(row[side]), schema)
+            if method == "json-schema":
+                answer = json.loads(row[side])
+            else:
+                content, calls = parse_tool_calls(row[side], [title], tool_format(tokenizer))
+                assert content == "" and [c.name for c in calls] == [title]
+                answer = calls[0].arguments
+            jsonschema.validate(answer, schemas[title])
     assert all(row["spikes"] > 0 for row in rows)
 
 

@@ -17,8 +17,9 @@ held-out side of the context's templates (:mod:`ngsd_guard.splits` says which is
   ``ReActAgent``; LangChain's classic ReAct prompt in evaluation only);
 * ``jailbreak``: role-play, fiction, hypothetical, instruction-override and past-tense
   wrappers; in evaluation also families that training never uses;
-* ``structured``: the instruction to answer in a JSON schema's object, decoded under that
-  schema's grammar (``with_structured_output``, ``response_format``).
+* ``structured``: the instruction to answer in a JSON schema's object, or the schema as a
+  forced tool call, decoded under its grammar (``with_structured_output``, ``response_format``,
+  LlamaIndex's ``structured_predict``).
 
 >>> import random
 >>> wrap("How do I bake bread?", "multiturn", "eval", random.Random(0)).messages[-1]["content"]
@@ -28,58 +29,14 @@ held-out side of the context's templates (:mod:`ngsd_guard.splits` says which is
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from ..errors import ConfigError
 from ..splits import Split
 from . import dialogue, jailbreaks, rag, react, structured
+from .conversation import Conversation
 
 Message = dict[str, str]
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """A request in its context: chat messages ending with the user's turn as the engine
-    renders them, the tools offered (rendered by ``GuardedLM.render(messages, tools=...)``, as
-    the integrations do), and the ``response_format`` the answer is decoded under
-    (:func:`ngsd_guard.tools.plan_tools`; its instruction is already in ``messages``)."""
-
-    request: str
-    messages: tuple[Mapping[str, str], ...]
-    tools: tuple[Mapping[str, Any], ...] = ()
-    context: str = "bare"
-    variant: str = ""
-    response_format: Mapping[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "request": self.request,
-            "messages": [dict(m) for m in self.messages],
-            "context": self.context,
-            "variant": self.variant,
-        }
-        if self.tools:
-            record["tools"] = [dict(t) for t in self.tools]
-        if self.response_format is not None:
-            record["response_format"] = dict(self.response_format)
-        return record
-
-    @classmethod
-    def from_json(cls, record: Mapping[str, Any]) -> Conversation:
-        messages = record.get("messages")
-        if messages is None:
-            messages = [{"role": "user", "content": record["prompt"]}]
-        request = record.get("request") or _last_user(messages)
-        return cls(
-            request=request,
-            messages=tuple(dict(m) for m in messages),
-            tools=tuple(dict(t) for t in record.get("tools") or ()),
-            context=record.get("context", "bare"),
-            variant=record.get("variant", ""),
-            response_format=record.get("response_format"),
-        )
 
 
 Wrapper = Callable[[str, Split, random.Random], Conversation]
@@ -97,13 +54,6 @@ def _built(context: str, build: Callable[..., tuple[str, list[Message], list]]) 
     return wrapper
 
 
-def _structured(request: str, split: Split, rng: random.Random) -> Conversation:
-    variant, messages, response_format = structured.structured(request, split, rng)
-    return Conversation(
-        request, tuple(messages), (), "structured", variant, response_format=response_format
-    )
-
-
 CONTEXTS: dict[str, Wrapper] = {
     "bare": _bare,
     "rag-llamaindex": _built("rag-llamaindex", rag.llamaindex),
@@ -114,7 +64,7 @@ CONTEXTS: dict[str, Wrapper] = {
     "agent-tools": _built("agent-tools", dialogue.agent),
     "agent-react": _built("agent-react", react.react),
     "jailbreak": _built("jailbreak", jailbreaks.jailbreak),
-    "structured": _structured,
+    "structured": structured.structured,
 }
 """Every context by name."""
 
@@ -173,13 +123,6 @@ def parse_contexts(text: str) -> list[str]:
         if name not in CONTEXTS:
             raise ConfigError(f"`--contexts` item (={name!r}) is not one of {', '.join(CONTEXTS)}")
     return names
-
-
-def _last_user(messages: Sequence[Mapping[str, Any]]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return str(message.get("content") or "")
-    return ""
 
 
 __all__ = [

@@ -1,8 +1,15 @@
-"""Structured answers: the request under the instruction to answer in a JSON schema's object,
-as ``ChatNGSD.with_structured_output`` (its default ``json_schema`` method) and the server's
-``response_format`` send it. The schemas (``data/contexts/schemas.json``) are written the way
-LangChain converts pydantic models; every fourth is held out for evaluation
-(:func:`ngsd_guard.splits.project_split`)."""
+"""Structured answers, as the frameworks ask for them:
+
+* ``json-schema`` (two times in three): the request under the instruction to answer in a JSON
+  schema's object, as ``ChatNGSD.with_structured_output`` (its default ``json_schema`` method)
+  and the server's ``response_format`` send it, decoded under the schema's grammar;
+* ``tool-call``: the request as it is, with the schema offered as the one tool and the call
+  forced, as ``with_structured_output(method="function_calling")`` and LlamaIndex's
+  ``structured_predict`` (a function-calling program) send it, decoded under the call's
+  grammar.
+
+The schemas (``data/contexts/schemas.json``) are written the way LangChain converts pydantic
+models; every fourth is held out for evaluation (:func:`ngsd_guard.splits.project_split`)."""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from typing import Any
 
 from ..splits import Split, project_split
 from ..tools.prompt import structured_answer_messages
+from .conversation import Conversation
 
 SCHEMAS_FILE = Path(__file__).parents[1] / "data" / "contexts" / "schemas.json"
 
@@ -30,10 +38,34 @@ def response_format(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": schema["title"], "schema": schema}}
 
 
-def structured(
-    request: str, split: Split, rng: random.Random
-) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
-    """``(variant, messages, response_format)``: the request under one schema's instruction."""
+def schema_tool(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema as the one tool that ``with_structured_output(method="function_calling")``
+    binds (LangChain's ``convert_to_openai_tool``: the title names it)."""
+    parameters = {k: v for k, v in schema.items() if k not in ("title", "description")}
+    function = {"name": schema["title"], "description": schema.get("description", "")}
+    return {"type": "function", "function": {**function, "parameters": parameters}}
+
+
+def structured(request: str, split: Split, rng: random.Random) -> Conversation:
+    """The request asked for one schema's object, as a format or as a forced tool call."""
     schema = rng.choice(schemas(split))
-    messages = structured_answer_messages([{"role": "user", "content": request}], schema)
-    return schema["title"], messages, response_format(schema)
+    user = [{"role": "user", "content": request}]
+    if rng.random() < 1 / 3:
+        tool = schema_tool(schema)
+        return Conversation(
+            request,
+            tuple(user),
+            (tool,),
+            "structured",
+            f"tool-call/{schema['title']}",
+            tool_choice={"type": "function", "function": {"name": schema["title"]}},
+        )
+    messages = structured_answer_messages(user, schema)
+    return Conversation(
+        request,
+        tuple(messages),
+        (),
+        "structured",
+        f"json-schema/{schema['title']}",
+        response_format=response_format(schema),
+    )

@@ -55,13 +55,14 @@ def _run_side(
     options: dict[str, Any],
 ) -> tuple[list[Generation], float]:
     """Generate for every item, in batches of items that offer the same tools and answer
-    format; tools and ``response_format`` are mapped as the integrations map them
-    (:func:`~ngsd_guard.tools.plan_tools`: a structured answer is decoded under its grammar)."""
+    format; tools, ``tool_choice`` and ``response_format`` are mapped as the integrations map
+    them (:func:`~ngsd_guard.tools.plan_tools`: a structured answer or a forced call is decoded
+    under its grammar)."""
     from ..tools import plan_tools
 
     groups: dict[str, list[int]] = {}
     for index, item in enumerate(items):
-        key = json.dumps([item.tools, item.response_format], sort_keys=True)
+        key = json.dumps([item.tools, item.tool_choice, item.response_format], sort_keys=True)
         groups.setdefault(key, []).append(index)
     generations: dict[int, Generation] = {}
     started = time.perf_counter()
@@ -72,6 +73,7 @@ def _run_side(
             planned = plan_tools(
                 lm,
                 tools=list(first.tools) or None,
+                tool_choice=first.tool_choice,
                 response_format=first.response_format,
                 max_tokens=options["max_new_tokens"],
             ).options()

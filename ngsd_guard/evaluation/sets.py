@@ -12,8 +12,8 @@
 | ``path/to/file.jsonl`` | one request per line (below) | per line |
 
 A JSONL line holds ``"prompt"`` (a user message) or ``"messages"`` (chat messages), optionally
-``"tools"`` (OpenAI tool schemas) and ``"response_format"`` (the answer decoded under its
-JSON schema), and ``"label"`` (``harmful`` or ``benign``); lines that also
+``"tools"`` (OpenAI tool schemas), ``"tool_choice"`` and ``"response_format"`` (the answer
+decoded under its JSON schema), and ``"label"`` (``harmful`` or ``benign``); lines that also
 carry ``"set"`` and ``"context"`` (as :func:`export_jsonl` writes them) are grouped by them.
 """
 
