@@ -1,4 +1,4 @@
-"""``ngsd-guard``: generate, compare, demo and bench from the command line."""
+"""``ngsd-guard``: generate, compare, demo, read risk and bench from the command line."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 
 from . import __name__ as package
 from .config import DecodingConfig, GateConfig, GuardConfig, InterventionConfig
-from .errors import NGSDError
+from .errors import ConfigError, NGSDError
 from .guarded import GuardedLM
 from .records import Generation, StepRecord
 
@@ -202,6 +203,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_risk(args: argparse.Namespace) -> int:
+    """Each prompt's risk reading as decoding would take it: alpha, risk and, for a probe
+    reader, the probe's log-odds and the expert's first disagreement ``D_0``."""
+    from .reflection import ProbeReader, ReflectionAlpha
+
+    lm = load_from_args(args)
+    policy = lm.alpha_policy
+    if not isinstance(policy, ReflectionAlpha) or policy.features is None:
+        raise ConfigError(
+            "this engine has no risk reader that reads the prompt (a fixed alpha or no probe); "
+            "the risk command needs an expert with a probe"
+        )
+    prompts = [[{"role": "user", "content": prompt}] for prompt in args.prompts]
+    features = lm.read_features(prompts, policy.features)
+    assessments = policy.assess(lm, args.prompts, features)
+    reader = policy.reader
+    terms = reader.terms(features) if isinstance(reader, ProbeReader) else None
+    for index, (prompt, assessment) in enumerate(zip(args.prompts, assessments, strict=True)):
+        row = {"prompt": prompt, "alpha": assessment.alpha, "risk": assessment.risk}
+        if terms is not None:
+            row |= {k: v for k, v in asdict(terms[index]).items() if k != "risk"}
+        if args.json:
+            print(json.dumps(row))
+            continue
+        parts = [f"risk {assessment.risk:5.2f}", f"alpha {assessment.alpha:.2f}"]
+        if terms is not None:
+            parts.append(f"probe log-odds {terms[index].probe_log_odds:6.2f}")
+            if terms[index].first_divergence is not None:
+                parts.append(f"D_0 {terms[index].first_divergence:.3f}")
+        print("  ".join(parts) + f"  {prompt}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -251,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="a harmful and a benign request, both ways")
     add_model_options(demo)
     demo.set_defaults(handler=cmd_demo, max_new_tokens=64)
+
+    risk = commands.add_parser(
+        "risk", help="the risk reading of requests (alpha, probe log-odds, D_0), no decoding"
+    )
+    risk.add_argument("prompts", nargs="+", metavar="prompt", help="user messages")
+    risk.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    add_model_options(risk)
+    risk.set_defaults(handler=cmd_risk)
 
     bench = commands.add_parser("bench", help="guarded vs base-alone latency, speed, memory")
     bench.add_argument("--json", action="store_true")

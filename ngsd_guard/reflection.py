@@ -23,6 +23,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -326,6 +327,16 @@ class FirstStepReader:
         return 10.0 * features[:, 0].float().cpu().clamp(0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class RiskTerms:
+    """A probe reader's risk of one request and its terms: the probe's log-odds ``l`` and,
+    with a :class:`FirstStepBlend`, the expert's first disagreement ``D_0`` (else None)."""
+
+    risk: float
+    probe_log_odds: float
+    first_divergence: float | None
+
+
 class ProbeReader:
     """``risk = 10 sigmoid(l)`` with ``l = w . (h - mean) / std + bias`` on the prefill's pooled
     hidden states ``h`` (``probe_features``, e.g. ``last@30+mean@18``; see
@@ -407,6 +418,16 @@ class ProbeReader:
         """(B, F) features of ``probe_features`` -> (B,) the probe's log-odds of 'harmful'."""
         z = (features.float().to(self.weight.device) - self.mean) / self.std
         return z @ self.weight + self.bias
+
+    def terms(self, features: torch.Tensor) -> list[RiskTerms]:
+        """(B, F) features of :attr:`features` -> each row's risk and the terms behind it."""
+        risk = self.read(None, [], features)
+        log_odds = self.logits(features.cpu().float()[:, : self.weight.shape[0]])
+        divergence = features[:, -1].tolist() if self.blend is not None else [None] * len(risk)
+        return [
+            RiskTerms(risk=r, probe_log_odds=lo, first_divergence=d)
+            for r, lo, d in zip(risk.tolist(), log_odds.tolist(), divergence, strict=True)
+        ]
 
     def read(self, lm: GuardedLM, requests: Sequence[str], features: torch.Tensor) -> torch.Tensor:
         width = self.weight.shape[0] + (self.blend is not None)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from ngsd_guard import GateConfig, GuardConfig
 
@@ -60,6 +62,26 @@ def test_cli_generate_json_prints_steps_then_end():
     assert end["event"] == "end"
     assert end["text"] == "".join(s["text"] for s in steps)
     assert end["spikes"] == sum(s["spiked"] for s in steps)
+
+
+def test_cli_risk_reads_as_decoding_does():
+    """``ngsd-guard risk`` gives the risk that decoding takes, with the blend's terms:
+    ``risk = 10 sigmoid(probe_weight l + divergence_weight D_0 + bias)``."""
+    from ngsd_guard.reflection import SHIPPED_EXPERT, load_blend, load_risk_map
+
+    out = _cli("risk", HARMFUL, "Write a haiku about tea.", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == [HARMFUL, "Write a haiku about tea."]
+    blend, risk_map = load_blend(SHIPPED_EXPERT), load_risk_map(SHIPPED_EXPERT)
+    for row in rows:
+        mixed = blend.probe_weight * row["probe_log_odds"] + blend.bias
+        mixed += blend.divergence_weight * row["first_divergence"]
+        assert row["risk"] == pytest.approx(10 / (1 + math.exp(-mixed)), abs=1e-4)
+        assert row["alpha"] == risk_map.assess(torch.tensor([row["risk"]]))[0].alpha
+    decoded = _cli("generate", HARMFUL, "--json", "--max-new-tokens", "1")
+    end = json.loads(decoded.stdout.splitlines()[-1])
+    assert end["summary"]["risk"] == pytest.approx(rows[0]["risk"], abs=1e-3)
 
 
 def test_cli_compare_and_errors():
