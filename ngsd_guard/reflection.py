@@ -421,8 +421,7 @@ class ProbeReader:
 
     def terms(self, features: torch.Tensor) -> list[RiskTerms]:
         """(B, F) features of :attr:`features` -> each row's risk and the terms behind it."""
-        risk = self.read(None, [], features)
-        log_odds = self.logits(features.cpu().float()[:, : self.weight.shape[0]])
+        log_odds, risk = self._read(features)
         divergence = features[:, -1].tolist() if self.blend is not None else [None] * len(risk)
         return [
             RiskTerms(risk=r, probe_log_odds=lo, first_divergence=d)
@@ -430,6 +429,10 @@ class ProbeReader:
         ]
 
     def read(self, lm: GuardedLM, requests: Sequence[str], features: torch.Tensor) -> torch.Tensor:
+        return self._read(features)[1]
+
+    def _read(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, F) features -> ((B,) the probe's log-odds, (B,) risk)."""
         width = self.weight.shape[0] + (self.blend is not None)
         if features.shape[-1] != width:
             raise ConfigError(
@@ -438,12 +441,13 @@ class ProbeReader:
             )
         features = features.cpu().float()
         if self.blend is None:
-            return 10.0 * torch.sigmoid(self.logits(features))
+            log_odds = self.logits(features)
+            return log_odds, 10.0 * torch.sigmoid(log_odds)
         # tv@0 is the last term of `self.features`
         log_odds = self.logits(features[:, :-1])
         blend = self.blend
         mixed = blend.probe_weight * log_odds + blend.divergence_weight * features[:, -1]
-        return 10.0 * torch.sigmoid(mixed + blend.bias)
+        return log_odds, 10.0 * torch.sigmoid(mixed + blend.bias)
 
 
 # ---------------------------------------------------------------------------- the policy

@@ -116,7 +116,6 @@ def react(request: str, split: Split, rng: random.Random) -> tuple[str, list[Mes
     chosen = rng.choice(agents(split))
     if name == "langchain-react":
         return f"{name}/{chosen['name']}", langchain_react_messages(request, chosen["tools"]), []
-    if rng.random() < 0.5:
-        messages = llamaindex_react_messages(request, chosen["tools"], chosen["system"])
-        return f"{name}-system/{chosen['name']}", messages, []
-    return f"{name}/{chosen['name']}", llamaindex_react_messages(request, chosen["tools"]), []
+    system = chosen["system"] if rng.random() < 0.5 else None
+    variant = f"{name}{'-system' if system else ''}/{chosen['name']}"
+    return variant, llamaindex_react_messages(request, chosen["tools"], system), []

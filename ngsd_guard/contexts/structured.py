@@ -38,20 +38,15 @@ def response_format(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": schema["title"], "schema": schema}}
 
 
-def schema_tool(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema as the one tool that ``with_structured_output(method="function_calling")``
-    binds (LangChain's ``convert_to_openai_tool``: the title names it)."""
-    parameters = {k: v for k, v in schema.items() if k not in ("title", "description")}
-    function = {"name": schema["title"], "description": schema.get("description", "")}
-    return {"type": "function", "function": {**function, "parameters": parameters}}
-
-
 def structured(request: str, split: Split, rng: random.Random) -> Conversation:
     """The request asked for one schema's object, as a format or as a forced tool call."""
     schema = rng.choice(schemas(split))
     user = [{"role": "user", "content": request}]
     if rng.random() < 1 / 3:
-        tool = schema_tool(schema)
+        from langchain_core.utils.function_calling import convert_to_openai_tool
+
+        # the one tool that with_structured_output(method="function_calling") binds
+        tool = convert_to_openai_tool(schema)
         return Conversation(
             request,
             tuple(user),
