@@ -70,20 +70,34 @@ def test_llamaindex_query_engine_sends_the_wrapped_prompt():
 
 def test_llamaindex_context_chat_engine_sends_the_wrapped_prompt():
     from llama_index.core.chat_engine import ContextChatEngine
-    from llama_index.core.retrievers import BaseRetriever
-    from llama_index.core.schema import NodeWithScore, TextNode
-
-    class Fixed(BaseRetriever):
-        def _retrieve(self, query_bundle):
-            return [
-                NodeWithScore(node=TextNode(text=p.text, metadata={"title": p.title}))
-                for p in rag.retrieve(query_bundle.query_str)
-            ]
 
     recorder = _recording_llama_index_llm()
-    engine = ContextChatEngine.from_defaults(retriever=Fixed(), llm=recorder)
+    engine = ContextChatEngine.from_defaults(retriever=_fixed_retriever(), llm=recorder)
     engine.chat(REQUEST)
     assert recorder.calls == [_variant(rag.llamaindex, "context-chat")]
+
+
+def test_llamaindex_tree_summarize_sends_the_wrapped_prompt():
+    from llama_index.core import get_response_synthesizer
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    recorder = _recording_llama_index_llm()
+    nodes = [
+        NodeWithScore(node=TextNode(text=p.text, metadata={"title": p.title}))
+        for p in rag.retrieve(REQUEST)
+    ]
+    synthesizer = get_response_synthesizer(llm=recorder, response_mode="tree_summarize")
+    synthesizer.synthesize(REQUEST, nodes=nodes)
+    assert recorder.calls == [_variant(rag.llamaindex, "tree-summarize")]
+
+
+def test_llamaindex_condense_plus_context_engine_sends_the_wrapped_prompt():
+    from llama_index.core.chat_engine import CondensePlusContextChatEngine
+
+    recorder = _recording_llama_index_llm()
+    engine = CondensePlusContextChatEngine.from_defaults(retriever=_fixed_retriever(), llm=recorder)
+    engine.chat(REQUEST)
+    assert recorder.calls == [_variant(rag.llamaindex, "condense-plus-context")]
 
 
 def test_langchain_rag_chain_sends_the_wrapped_prompt():
@@ -294,6 +308,21 @@ def _variant(builder, variant: str):
         if variant.endswith("/") and built[0].startswith(variant):
             return built
     raise AssertionError(f"variant {variant} never drawn")
+
+
+def _fixed_retriever():
+    """A LlamaIndex retriever that returns :func:`rag.retrieve`'s passages as nodes."""
+    from llama_index.core.retrievers import BaseRetriever
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    class Fixed(BaseRetriever):
+        def _retrieve(self, query_bundle):
+            return [
+                NodeWithScore(node=TextNode(text=p.text, metadata={"title": p.title}))
+                for p in rag.retrieve(query_bundle.query_str)
+            ]
+
+    return Fixed()
 
 
 def _recording_llama_index_llm():

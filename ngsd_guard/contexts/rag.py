@@ -80,24 +80,42 @@ def _llamaindex_messages(template, **values: str) -> list[Message]:
     ]
 
 
-def llamaindex(request: str, split: Split, rng: random.Random) -> Built:
-    """A query engine's chat QA prompt, or a context chat engine's system prompt."""
+LLAMAINDEX_VARIANTS = ("query-engine", "tree-summarize", "context-chat", "condense-plus-context")
+"""A query engine's QA prompt (default ``compact`` mode), its ``tree_summarize`` prompt, a
+``ContextChatEngine``'s and a ``CondensePlusContextChatEngine``'s first turn."""
+
+
+def _llamaindex_template(variant: str):
+    from llama_index.core.chat_engine.condense_plus_context import (
+        DEFAULT_CONTEXT_PROMPT_TEMPLATE,
+    )
     from llama_index.core.chat_engine.context import DEFAULT_CONTEXT_TEMPLATE
     from llama_index.core.chat_engine.utils import get_prefix_messages_with_context
     from llama_index.core.llms import MessageRole
     from llama_index.core.prompts import ChatPromptTemplate, PromptTemplate
-    from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT
+    from llama_index.core.prompts.chat_prompts import (
+        CHAT_TEXT_QA_PROMPT,
+        CHAT_TREE_SUMMARIZE_PROMPT,
+    )
 
-    context_str = llamaindex_context_str(retrieve(request))
-    variant = rng.choice(("query-engine", "context-chat"))
     if variant == "query-engine":
-        template = CHAT_TEXT_QA_PROMPT
-    else:
-        template = ChatPromptTemplate.from_messages(
-            get_prefix_messages_with_context(
-                PromptTemplate(DEFAULT_CONTEXT_TEMPLATE), "", [], [], MessageRole.SYSTEM
-            )
-        )
+        return CHAT_TEXT_QA_PROMPT
+    if variant == "tree-summarize":
+        return CHAT_TREE_SUMMARIZE_PROMPT
+    system = {
+        "context-chat": DEFAULT_CONTEXT_TEMPLATE,
+        "condense-plus-context": DEFAULT_CONTEXT_PROMPT_TEMPLATE,
+    }[variant]
+    return ChatPromptTemplate.from_messages(
+        get_prefix_messages_with_context(PromptTemplate(system), "", [], [], MessageRole.SYSTEM)
+    )
+
+
+def llamaindex(request: str, split: Split, rng: random.Random) -> Built:
+    """One of LlamaIndex's default RAG prompts (:data:`LLAMAINDEX_VARIANTS`), as it sends it."""
+    context_str = llamaindex_context_str(retrieve(request))
+    variant = rng.choice(LLAMAINDEX_VARIANTS)
+    template = _llamaindex_template(variant)
     return variant, _llamaindex_messages(template, context_str=context_str, query_str=request), []
 
 
