@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from .alpha import FixedAlpha
 from .divergence import DIVERGENCES
 from .gate import make_gate
 from .guarded import _SHIPPED_EXPERT, GuardedLM
@@ -91,17 +92,14 @@ def _load(kind: str, base: Path, adapter: Path | None, args: argparse.Namespace)
     """The guarded model as a user gets it: with the shipped expert, its alpha policy (what
     ``GuardedLM.from_default()`` gives), unless ``--alpha`` fixes the expert weight."""
     from .cli import config_from_args
-    from .reflection import default_policy
 
-    adapter = adapter if kind == "lora" else None
-    shipped = adapter is not None and adapter.resolve() == _SHIPPED_EXPERT.resolve()
     return GuardedLM.from_pretrained(
         base,
-        adapter=adapter,
+        adapter=adapter if kind == "lora" else None,
         device=args.device,
         dtype=args.dtype,
         config=config_from_args(args),
-        alpha_policy=default_policy() if shipped and args.alpha is None else None,
+        alpha_policy=FixedAlpha(args.alpha) if args.alpha is not None else None,
     )
 
 

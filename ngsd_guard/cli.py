@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from . import __name__ as package
+from .alpha import FixedAlpha
 from .config import DecodingConfig, GateConfig, GuardConfig, InterventionConfig
 from .errors import ConfigError, NGSDError
 from .guarded import GuardedLM
+from .loading import default_model_dir
 from .records import Generation, StepRecord
 
 DEMO_PROMPTS = (
@@ -97,35 +99,25 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
 
 
 def load_from_args(args: argparse.Namespace) -> GuardedLM:
+    """The engine the flags name. ``--alpha`` fixes the expert weight; without it, the
+    expert's own policy reads each request's alpha (the shipped expert's, or that of an
+    ``--adapter`` directory written by ``train-expert``)."""
     config = config_from_args(args)
-    if args.model is None:
-        if args.expert or args.adapter:
-            from .loading import default_model_dir
-
-            return GuardedLM.from_pretrained(
-                default_model_dir(),
-                expert=args.expert,
-                adapter=args.adapter,
-                device=args.device,
-                expert_device=args.expert_device,
-                dtype=args.dtype,
-                config=config,
-            )
-        return GuardedLM.from_default(
-            expert="prompted" if args.prompted else "default",
-            device=args.device,
-            dtype=args.dtype,
-            config=config,
-        )
+    options = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "config": config,
+        "alpha_policy": FixedAlpha(args.alpha) if args.alpha is not None else None,
+    }
+    if args.model is None and not (args.expert or args.adapter):
+        return GuardedLM.from_default(expert="prompted" if args.prompted else "default", **options)
     return GuardedLM.from_pretrained(
-        args.model,
+        args.model if args.model is not None else default_model_dir(),
         expert=args.expert,
         adapter=args.adapter,
-        gguf_file=args.gguf_file,
-        device=args.device,
+        gguf_file=args.gguf_file if args.model is not None else None,
         expert_device=args.expert_device,
-        dtype=args.dtype,
-        config=config,
+        **options,
     )
 
 

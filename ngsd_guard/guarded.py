@@ -147,7 +147,9 @@ class GuardedLM:
 
         ``adapter``: a peft LoRA directory on the base (expert kind ``lora``); ``expert``: a
         separate model sharing the tokenizer (kind ``model``); neither: the base under
-        ``safety_prompt`` (kind ``prompted``).
+        ``safety_prompt`` (kind ``prompted``). An adapter directory that ``train-expert``
+        wrote holds its risk probe and ``policy.json``; without an ``alpha_policy``, that is
+        the policy that reads each request's alpha, as the shipped expert's does.
         """
         if expert is not None and adapter is not None:
             raise ConfigError("pass either `expert` (a model) or `adapter` (a LoRA), not both")
@@ -167,6 +169,10 @@ class GuardedLM:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_path).eval()
+            if alpha_policy is None:
+                from .reflection import expert_policy
+
+                alpha_policy = expert_policy(adapter_path)
         elif expert is not None:
             expert_path = resolve(expert, "expert")
             expert_tokenizer = load_tokenizer(expert_path)
@@ -245,10 +251,6 @@ class GuardedLM:
         adapter = None
         if expert == "default" and (_SHIPPED_EXPERT / "adapter_config.json").is_file():
             adapter = _SHIPPED_EXPERT
-            if alpha_policy is None:
-                from .reflection import default_policy
-
-                alpha_policy = default_policy()
         lm = cls.from_pretrained(
             default_model_dir(),
             adapter=adapter,

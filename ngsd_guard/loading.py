@@ -77,10 +77,14 @@ def default_model_dir() -> Path:
 
 
 def resolve(name_or_path: str | os.PathLike[str], what: str = "model") -> Path:
-    """A local directory for ``name_or_path``: the path itself, or the offline hub cache."""
+    """A local directory for ``name_or_path``: the path itself, the embedded default model
+    for :data:`DEFAULT_MODEL_NAME` (so that an adapter trained on it can name it), or the
+    offline hub cache."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
+    if str(name_or_path) == DEFAULT_MODEL_NAME:
+        return default_model_dir()
     try:
         from huggingface_hub import snapshot_download
 

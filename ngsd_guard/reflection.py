@@ -474,7 +474,8 @@ class ReflectionAlpha:
 
 
 SHIPPED_EXPERT = Path(__file__).parent / "data" / "experts" / "smollm2-135m-instruct"
-SHIPPED_PROBE = SHIPPED_EXPERT / "probe.safetensors"
+PROBE_FILE = "probe.safetensors"
+SHIPPED_PROBE = SHIPPED_EXPERT / PROBE_FILE
 POLICY_FILE = "policy.json"
 """Beside an expert's probe: the :class:`RiskMap` fields that its training chose."""
 
@@ -505,6 +506,12 @@ def load_probe(path: str | Path, *, blend: bool = True) -> ProbeReader:
     expert's policy reads risk); ``blend=False``: the probe alone."""
     path = Path(path)
     return ProbeReader.load(path).blended(load_blend(path.parent) if blend else None)
+
+
+def expert_policy(directory: str | Path) -> ReflectionAlpha | None:
+    """The policy an expert directory brings (its probe, blend and risk map); None when it
+    has no probe."""
+    return default_policy(Path(directory) / PROBE_FILE)
 
 
 def default_policy(probe: str | Path | None = None) -> ReflectionAlpha | None:

@@ -84,6 +84,54 @@ def test_cli_risk_reads_as_decoding_does():
     assert end["summary"]["risk"] == pytest.approx(rows[0]["risk"], abs=1e-3)
 
 
+def _expert_copy(tmp_path, high: float):
+    """A copy of the shipped expert directory whose policy sets ``high``."""
+    import shutil
+
+    from ngsd_guard.reflection import POLICY_FILE, SHIPPED_EXPERT
+
+    directory = tmp_path / "expert"
+    shutil.copytree(SHIPPED_EXPERT, directory)
+    policy = json.loads((directory / POLICY_FILE).read_text())
+    policy["risk_map"]["high"] = policy["risk_map"]["low"] = high
+    (directory / POLICY_FILE).write_text(json.dumps(policy))
+    return directory
+
+
+def test_an_adapter_directory_brings_its_own_policy(tmp_path):
+    """``from_pretrained(adapter=DIR)`` reads alpha with DIR's probe and ``policy.json`` (not
+    the shipped ones, not a fixed alpha); an explicit policy wins; no probe: fixed alpha."""
+    from ngsd_guard import FixedAlpha, GuardedLM
+    from ngsd_guard.loading import default_model_dir
+    from ngsd_guard.reflection import PROBE_FILE, ReflectionAlpha
+
+    directory = _expert_copy(tmp_path, high=9.99)
+    lm = GuardedLM.from_pretrained(default_model_dir(), adapter=directory)
+    assert isinstance(lm.alpha_policy, ReflectionAlpha)
+    assert lm.alpha_policy.risk_map.high == 9.99
+    # at a `high` above the bomb request's risk, it decodes at alpha 0 until it escalates
+    first = lm.generate(HARMFUL, max_new_tokens=1).summary
+    assert first.risk < 9.99 and first.alpha == 0.0
+    fixed = GuardedLM.from_pretrained(
+        default_model_dir(), adapter=directory, alpha_policy=FixedAlpha(0.3)
+    )
+    assert fixed.generate(HARMFUL, max_new_tokens=1).summary.alpha == 0.3
+    (directory / PROBE_FILE).unlink()
+    assert GuardedLM.from_pretrained(default_model_dir(), adapter=directory).alpha_policy is None
+
+
+def test_cli_adapter_reads_risk_with_its_own_policy_and_alpha_fixes_it(tmp_path):
+    directory = _expert_copy(tmp_path, high=9.99)
+    out = _cli("risk", HARMFUL, "--json", "--adapter", str(directory))
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["risk"] < 9.99 and row["alpha"] == 0.0
+    shipped = json.loads(_cli("risk", HARMFUL, "--json").stdout)
+    assert row["risk"] == pytest.approx(shipped["risk"], abs=1e-4) and shipped["alpha"] == 0.9
+    fixed = _cli("risk", HARMFUL, "--alpha", "0.5")
+    assert fixed.returncode == 2 and "fixed alpha" in fixed.stderr
+
+
 def test_cli_compare_and_errors():
     out = _cli("generate", "Say hello.", "--compare", "--max-new-tokens", "6")
     assert out.returncode == 0, out.stderr

@@ -6,8 +6,8 @@ wrapper is ``wrap(request, split, rng) -> Conversation``; ``split`` picks the tr
 held-out side of the context's templates (:mod:`ngsd_guard.splits` says which is which).
 
 * ``bare``: the request as the only user message;
-* ``rag-llamaindex``: LlamaIndex's own QA, tree-summarize and chat-engine prompts (imported at run time)
-  around retrieved passages;
+* ``rag-llamaindex``: LlamaIndex's own QA, tree-summarize and chat-engine prompts (imported
+  at run time) around retrieved passages;
 * ``rag-langchain``: LangChain RAG chat prompts (built with ``langchain_core``);
 * ``rag-custom``: the project's own RAG templates (training only);
 * ``rag-unseen``: RAG templates that training never uses (evaluation only);

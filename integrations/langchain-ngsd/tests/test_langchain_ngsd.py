@@ -109,6 +109,15 @@ def test_settings_reach_the_engine_and_ls_params() -> None:
     assert llm._get_ls_params(model="other")["ls_model_name"] == "other"
 
 
+def test_an_adapter_for_the_default_model_decodes_with_its_own_policy(user_expert) -> None:
+    """``ChatNGSD(adapter=DIR)`` pairs the embedded model with DIR's expert, probe and policy:
+    at DIR's `high` of 9.99 the bomb request decodes at alpha 0 (the shipped policy: 0.9)."""
+    llm = ChatNGSD(adapter=str(user_expert), max_tokens=1)
+    summary = llm.invoke(HARMFUL).response_metadata["ngsd_summary"]
+    assert llm.guarded_lm().expert_kind == "lora"
+    assert summary["risk"] < 9.99 and summary["alpha"] == 0.0
+
+
 # ------------------------------------------------------------------ gate events
 
 

@@ -3,6 +3,8 @@ and a root-dispatcher handler that collects `NGSDGateEvent`s."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
@@ -49,3 +51,19 @@ def gate_events():
     root.add_event_handler(collector)
     yield collector.events
     root.event_handlers.remove(collector)
+
+
+@pytest.fixture
+def user_expert(tmp_path: Path) -> Path:
+    """A copy of the shipped expert directory (adapter, probe, policy) whose policy reads alpha
+    0 below risk 9.99: an expert a user trained for the default model, told apart by it."""
+    import json
+    import shutil
+
+    from ngsd_guard.reflection import POLICY_FILE, SHIPPED_EXPERT
+
+    directory = shutil.copytree(SHIPPED_EXPERT, tmp_path / "expert")
+    policy = json.loads((directory / POLICY_FILE).read_text())
+    policy["risk_map"]["high"] = policy["risk_map"]["low"] = 9.99
+    (directory / POLICY_FILE).write_text(json.dumps(policy))
+    return directory

@@ -175,7 +175,7 @@ class NGSD(FunctionCallingLLM):
         return self._guarded
 
     def _load(self) -> GuardedLM:
-        if self.model == "default":
+        if self.model == "default" and self.adapter is None:
             expert = self.expert or "default"
             if expert not in ("default", "prompted"):
                 raise ValueError(
@@ -186,7 +186,7 @@ class NGSD(FunctionCallingLLM):
         # 'default' and 'prompted' mean no expert model: the adapter, else a safety prompt
         expert = None if self.expert in (None, "default", "prompted") else self.expert
         return GuardedLM.from_pretrained(
-            self.model,
+            default_model_dir() if self.model == "default" else self.model,
             expert=expert,
             adapter=self.adapter,
             device=self.device,
