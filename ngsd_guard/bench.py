@@ -103,6 +103,15 @@ def _load(kind: str, base: Path, adapter: Path | None, args: argparse.Namespace)
     )
 
 
+def _fixed_alpha(lm: GuardedLM) -> float | None:
+    """The alpha every request decodes at, or None when a policy reads it per request."""
+    if lm.alpha_policy is None:
+        return lm.config.intervention.alpha
+    if isinstance(lm.alpha_policy, FixedAlpha):
+        return lm.alpha_policy.assessment.alpha
+    return None
+
+
 def _prompts(max_new_tokens: int) -> tuple[str, ...]:
     return (LONG_PROMPT,) if max_new_tokens >= 512 else BENCH_PROMPTS
 
@@ -414,7 +423,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "device": str(lm.device),
                 "dtype": str(next(lm.base_model.parameters()).dtype).removeprefix("torch."),
                 "alpha_policy": type(lm.alpha_policy).__name__ if lm.alpha_policy else "fixed",
-                "alpha": lm.config.intervention.alpha if lm.alpha_policy is None else None,
+                "alpha": _fixed_alpha(lm),
                 "window": lm.config.window,
                 "quiet_window": lm.config.quiet_window,
                 "max_stream_delay": lm.config.max_stream_delay,
