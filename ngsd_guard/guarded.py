@@ -170,9 +170,9 @@ class GuardedLM:
 
             model = PeftModel.from_pretrained(model, adapter_path).eval()
             if alpha_policy is None:
-                from .reflection import expert_policy
+                from .reflection import PROBE_FILE, default_policy
 
-                alpha_policy = expert_policy(adapter_path)
+                alpha_policy = default_policy(adapter_path / PROBE_FILE)  # None: no probe
         elif expert is not None:
             expert_path = resolve(expert, "expert")
             expert_tokenizer = load_tokenizer(expert_path)

@@ -508,12 +508,6 @@ def load_probe(path: str | Path, *, blend: bool = True) -> ProbeReader:
     return ProbeReader.load(path).blended(load_blend(path.parent) if blend else None)
 
 
-def expert_policy(directory: str | Path) -> ReflectionAlpha | None:
-    """The policy an expert directory brings (its probe, blend and risk map); None when it
-    has no probe."""
-    return default_policy(Path(directory) / PROBE_FILE)
-
-
 def default_policy(probe: str | Path | None = None) -> ReflectionAlpha | None:
     """The probe policy of an expert directory's probe (default: the shipped expert's), with
     the blend and risk map of its ``policy.json``; None when there is no probe file."""
