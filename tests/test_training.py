@@ -31,7 +31,15 @@ from ngsd_guard.training import (
     train_lora,
     wrap_lora,
 )
-from ngsd_guard.training.data import PlannedRequest, load_plan, plan_requests, render_ids, save_plan
+from ngsd_guard.training.data import (
+    PlannedRequest,
+    load_examples,
+    load_plan,
+    plan_requests,
+    render_ids,
+    save_examples,
+    save_plan,
+)
 from ngsd_guard.training.expert import train_expert
 from ngsd_guard.training.probe import auc, cross_validated_auc, fit_blend
 from ngsd_guard.training.trainer import batch_loss, length_grouped_batches, load_trainable_adapter
@@ -285,6 +293,58 @@ def test_train_expert_writes_a_peft_adapter_a_probe_and_a_record(tokenizer, tmp_
     assert risk_map.alpha_low == 0.0 and risk_map.low == risk_map.high >= 6.0
     loaded = PeftModel.from_pretrained(tiny_llama(6), out)
     assert loaded.peft_config["default"].r == 2
+
+
+def test_saved_examples_train_again_and_the_held_out_slice_never_trains(tokenizer, tmp_path):
+    model = tiny_llama(6)
+    plan = _tiny_plan() + _held_out_plan()
+    build = BuildConfig(refusal_tries=1, refusal_tokens=4, compliant_tokens=4, benign_tokens=4)
+    lora = LoraSettings(r=2, lora_alpha=4, epochs=1, batch_size=4)
+    # without calibration too, the held-out requests stay out of the data
+    record = train_expert(
+        model,
+        tokenizer,
+        plan=plan,
+        out=tmp_path / "a",
+        base_name="tiny",
+        build=build,
+        lora=lora,
+        probe=None,
+        calibrate=False,
+        examples_path=tmp_path / "examples.jsonl",
+    )
+    assert record["data"]["harmful"] == 4 and record["data"]["benign"] == 1
+    assert record["data"]["held_out_for_calibration"] == 2
+    # all of them are saved when building anew, so that loading them must drop the slice
+    dataset = build_dataset(model, tokenizer, plan, _renderer(model, tokenizer), build)
+    save_examples(dataset, tmp_path / "all.jsonl", tokenizer)
+    loaded = load_examples(tmp_path / "all.jsonl", tokenizer)
+    assert len(loaded) == len(dataset.examples) == 7
+    for ex, again in zip(dataset.examples, loaded, strict=True):
+        assert (again.kind, again.prompt, again.context) == (ex.kind, ex.prompt, ex.context)
+        assert again.prompt_ids == ex.prompt_ids and again.loss_start == ex.loss_start
+        assert tokenizer.decode(again.response_ids) == tokenizer.decode(ex.response_ids)
+        if ex.kind == "refusal":
+            assert again.response_ids == ex.response_ids
+    record = train_expert(
+        tiny_llama(6),
+        tokenizer,
+        plan=plan,
+        out=tmp_path / "b",
+        base_name="tiny",
+        build=build,
+        lora=lora,
+        probe=None,
+        calibrate=False,
+        examples=loaded,
+    )
+    assert record["data"]["loaded_examples"] == 7 and record["data"]["held_out"] == 2
+    assert (tmp_path / "b" / "adapter_config.json").is_file()
+    row = json.loads((tmp_path / "all.jsonl").read_text().splitlines()[0])
+    del row["request"]
+    (tmp_path / "old.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ConfigError, match="needs its `request`"):
+        load_examples(tmp_path / "old.jsonl", tokenizer)
 
 
 def test_calibration_counts_dissents_and_holds_out_stably():

@@ -89,6 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--save-examples", type=Path, help="write the examples as JSONL here")
     parser.add_argument(
+        "--examples",
+        type=Path,
+        help="train on the examples of a --save-examples file instead of building them (the "
+        "base's answers); --plan still names the held-out requests",
+    )
+    parser.add_argument(
         "--init-adapter",
         type=Path,
         help="go on training this expert's adapter instead of a fresh one (its rank and "
@@ -265,7 +271,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         resolve,
         resolve_device,
     )
-    from .data import BuildConfig, save_plan
+    from .data import BuildConfig, load_examples, save_plan
     from .expert import train_expert
     from .trainer import LoraSettings, require_adapter
 
@@ -321,6 +327,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         probe=None if args.no_probe else PromptFeatures.parse(args.probe_features),
         calibrate=not args.no_calibrate,
         examples_path=args.save_examples,
+        examples=None if args.examples is None else load_examples(args.examples, tokenizer),
         init_adapter=args.init_adapter,
         command="ngsd-guard " + shlex.join(sys.argv[1:]),
     )

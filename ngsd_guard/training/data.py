@@ -42,6 +42,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .. import sources
 from ..contexts import TRAIN_CONTEXTS, Conversation, wrap
+from ..errors import ConfigError
 from ..judge import is_refusal
 from ..sources import Request
 
@@ -440,14 +441,45 @@ def build_dataset(
 
 
 def save_examples(dataset: Dataset, path: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    """A JSONL of the examples in text form (for inspection; large, goes under runs/)."""
+    """A JSONL of the examples in text form, one per line: ``kind``, ``context``, ``request``,
+    ``prompt`` (the rendered prompt), ``untrained`` (a recovery's compliant prefix) and
+    ``trained`` (what the loss covers). :func:`load_examples` reads it back."""
     with Path(path).open("w") as handle:
         for ex in dataset.examples:
             row = {
                 "kind": ex.kind,
                 "context": ex.context,
+                "request": ex.prompt,
                 "prompt": tokenizer.decode(ex.prompt_ids),
                 "untrained": tokenizer.decode(ex.response_ids[: ex.loss_start]),
                 "trained": tokenizer.decode(ex.response_ids[ex.loss_start :]),
             }
             handle.write(json.dumps(row) + "\n")
+
+
+def load_examples(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+    """The examples of a :func:`save_examples` file, tokenised again (special tokens as
+    written), so that a LoRA can be trained without building the data anew."""
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    examples = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "request" not in row:
+            raise ConfigError(f"{path}:{number}: an example needs its `request`")
+        untrained = ids(row["untrained"])
+        examples.append(
+            Example(
+                row["kind"],
+                row["request"],
+                ids(row["prompt"]),
+                untrained + ids(row["trained"]),
+                len(untrained),
+                row.get("context", "bare"),
+            )
+        )
+    return examples

@@ -19,7 +19,7 @@ from ..guarded import GuardedLM
 from ..reflection import POLICY_FILE, ProbeReader
 from .calibrate import calibrate as calibrate_policy
 from .calibrate import is_holdout
-from .data import BuildConfig, PlannedRequest, build_dataset, save_examples
+from .data import BuildConfig, Example, PlannedRequest, build_dataset, save_examples
 from .probe import cross_validated_auc, fit_probe, probe_features
 from .trainer import (
     LoraSettings,
@@ -64,6 +64,7 @@ def train_expert(
     probe: PromptFeatures | None = DEFAULT_PROBE_FEATURES,
     calibrate: bool = True,
     examples_path: str | Path | None = None,
+    examples: Sequence[Example] | None = None,
     init_adapter: str | Path | None = None,
     command: str = "",
 ) -> dict[str, object]:
@@ -73,7 +74,11 @@ def train_expert(
     ``out`` when ``probe`` is None, and whose ``training.json`` becomes the record's
     ``init_record``); then, with ``calibrate``, choose the alpha escalation on
     the held-out slice of the plan (:mod:`~ngsd_guard.training.calibrate`); write the adapter
-    dir, the probe, ``policy.json`` and ``training.json`` under ``out``. Returns the record."""
+    dir, the probe, ``policy.json`` and ``training.json`` under ``out``. Returns the record.
+
+    The held-out slice never trains, so that ``calibrate-expert`` can choose the escalation
+    later. ``examples`` (from :func:`~ngsd_guard.training.data.load_examples`) replaces
+    building the data; those of held-out requests are dropped."""
     init_dir = None if init_adapter is None else Path(init_adapter)
     if init_dir is not None:
         require_adapter(init_dir, "init_adapter")  # before hours of data building
@@ -97,8 +102,8 @@ def train_expert(
             if (init_dir / name).is_file():
                 shutil.copyfile(init_dir / name, out / name)
     calibrate = calibrate and (probe is not None or (out / PROBE_FILE).is_file())
-    holdout = [p for p in plan if calibrate and is_holdout(p.conversation.request)]
-    plan = [p for p in plan if not (calibrate and is_holdout(p.conversation.request))]
+    holdout = [p for p in plan if is_holdout(p.conversation.request)]
+    plan = [p for p in plan if not is_holdout(p.conversation.request)]
     record: dict[str, object] = {"base": base_name, "command": command}
     if init_dir is not None and (init_dir / RECORD_FILE).is_file():
         # The adapter's history: the record of the run this one goes on from.
@@ -108,12 +113,18 @@ def train_expert(
             engine, plan, probe, out, base_name=base_name, batch_size=build.batch_size
         )
 
-    dataset = build_dataset(model, tokenizer, plan, render, build)
-    examples = [ex for ex in dataset.examples if len(ex.input_ids) <= lora.max_length]
-    dataset.stats["dropped_over_max_length"] = len(dataset.examples) - len(examples)
-    record["data"] = dataset.stats
-    if examples_path is not None:
-        save_examples(dataset, examples_path, tokenizer)
+    if examples is None:
+        dataset = build_dataset(model, tokenizer, plan, render, build)
+        if examples_path is not None:
+            save_examples(dataset, examples_path, tokenizer)
+        built, stats = dataset.examples, dataset.stats
+    else:
+        built = [ex for ex in examples if not is_holdout(ex.prompt)]
+        stats = {"loaded_examples": len(examples), "held_out": len(examples) - len(built)}
+    stats["held_out_for_calibration"] = len(holdout)
+    examples = [ex for ex in built if len(ex.input_ids) <= lora.max_length]
+    stats["dropped_over_max_length"] = len(built) - len(examples)
+    record["data"] = stats
     peft_model = (
         wrap_lora(model, lora) if init_dir is None else load_trainable_adapter(model, init_dir)
     )
