@@ -238,6 +238,20 @@ def test_seeds_respect_the_fixed_splits():
     assert [r.text for r in seeds.benign[:5]] == [row["instruction"] for row in alpaca[100:105]]
 
 
+@pytest.mark.parametrize(
+    "flag", [["--max-length", "1"], ["--epochs", "0"], ["--r", "0"], ["--lr", "-0.5"]]
+)
+def test_bad_lora_settings_are_named_before_a_model_loads(tmp_path, capsys, flag):
+    from ngsd_guard.cli import main
+
+    save_plan(_tiny_plan(), tmp_path / "plan.jsonl")
+    args = ["train-expert", "--plan", str(tmp_path / "plan.jsonl"), "--out", str(tmp_path)]
+    args += ["--model", str(tmp_path / "no-model-here"), *flag]
+    assert main(args) == 2
+    name = flag[0].removeprefix("--").replace("-", "_")
+    assert f"`{name}` (={flag[1]})" in capsys.readouterr().err
+
+
 def test_probe_separates_separable_features():
     generator = torch.Generator().manual_seed(0)
     harmful = torch.randn(40, 8, generator=generator) + torch.tensor([3.0] + [0.0] * 7)

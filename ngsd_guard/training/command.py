@@ -71,6 +71,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8, help="LoRA training batch")
     parser.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="longest training sequence in tokens (longer examples are dropped; agent-react "
+        "prompts run past 1024)",
+    )
+    parser.add_argument(
         "--generate-batch-size", type=int, default=32, help="batch of the base's own answers"
     )
     parser.add_argument("--distill-weight", type=float, default=1.0)
@@ -291,6 +298,17 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         benign_contexts=args.benign_contexts,
         batch_size=args.generate_batch_size,
     )
+    lora = LoraSettings(
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        target_modules=tuple(m for m in args.target_modules.split(",") if m),
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        distill_weight=args.distill_weight,
+        seed=args.seed,
+    )
     if args.init_adapter is not None:
         require_adapter(args.init_adapter, "--init-adapter")
     plan = _read_plan(args, build)
@@ -306,16 +324,6 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
     base_name = Path(str(args.model)).name if args.model else DEFAULT_MODEL_NAME
     tokenizer = load_tokenizer(path, gguf_file=args.gguf_file)
     model = load_model(path, device=device, dtype=torch.float32, gguf_file=args.gguf_file)
-    lora = LoraSettings(
-        r=args.r,
-        lora_alpha=args.lora_alpha,
-        target_modules=tuple(m for m in args.target_modules.split(",") if m),
-        lr=args.lr,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        distill_weight=args.distill_weight,
-        seed=args.seed,
-    )
     record = train_expert(
         model,
         tokenizer,

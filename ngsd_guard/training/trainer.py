@@ -47,13 +47,15 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"`r` (={self.r}) must be at least 1")
+            raise ConfigError(f"`r` (={self.r}) must be at least 1")
         if self.epochs < 1:
-            raise ValueError(f"`epochs` (={self.epochs}) must be at least 1")
+            raise ConfigError(f"`epochs` (={self.epochs}) must be at least 1")
         if self.lr <= 0:
-            raise ValueError(f"`lr` (={self.lr}) must be positive")
+            raise ConfigError(f"`lr` (={self.lr}) must be positive")
+        if self.max_length < 2:
+            raise ConfigError(f"`max_length` (={self.max_length}) must be at least 2")
         if self.distill_weight < 0:
-            raise ValueError(f"`distill_weight` (={self.distill_weight}) must be >= 0")
+            raise ConfigError(f"`distill_weight` (={self.distill_weight}) must be >= 0")
 
 
 def wrap_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
