@@ -462,6 +462,8 @@ def test_train_probe_refits_the_probe_and_recalibrates_keeping_the_adapter(
     saved = json.loads((out / "training.json").read_text())
     assert saved["probe"]["features"] == "last@1" and saved["probe"]["harmful"] == 4
     assert saved["probe"]["command"].startswith("ngsd-guard ")
+    assert saved["probe"]["plan"] == str(plan_path)
+    assert "contexts_per_request" not in saved["probe"]  # the plan's draws, not the defaults
     assert saved["calibration"]["held_out"] == 2
     assert str(default_policy(out / "probe.safetensors").features) == "last@1+tv@0"
     assert main(["train-probe", "--expert-dir", str(tmp_path), "--plan", str(plan_path)]) == 2

@@ -252,10 +252,13 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
     )
     probe["command"] = "ngsd-guard " + shlex.join(sys.argv[1:])
     probe["planned_requests"] = len(plan)
-    probe["contexts_per_request"] = {
-        "harmful": args.harmful_contexts,
-        "benign": args.benign_contexts,
-    }
+    if args.plan is None:  # a plan file records its own draws
+        probe["contexts_per_request"] = {
+            "harmful": args.harmful_contexts,
+            "benign": args.benign_contexts,
+        }
+    else:
+        probe["plan"] = str(args.plan)
     record_path = args.expert_dir / RECORD_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record["probe"] = probe
