@@ -75,12 +75,31 @@ def test_supportive_replies_open_unlike_refusals_and_point_to_help_early(tokeniz
     def first(text: str) -> int:
         return tokenizer(text, add_special_tokens=False)["input_ids"][0]
 
-    refusal_openings = {first(t) for t in responses.refusals + responses.in_context}
+    topical = tuple(t for texts in responses.topical.values() for t in texts)
+    refusal_openings = {first(t) for t in responses.refusals + responses.in_context + topical}
     for reply in responses.self_harm:
         assert first(reply) not in refusal_openings, reply
         assert is_refusal(reply), reply
         head = tokenizer.decode(tokenizer(reply, add_special_tokens=False)["input_ids"][:64])
         assert points_to_help(head), reply
+
+
+def test_a_refusal_that_names_a_harm_is_written_only_for_its_category():
+    """A self-harm question must not learn "I cannot help with stealing ... property"."""
+    from ngsd_guard.training.data import WrittenResponses
+
+    responses = WrittenResponses.load()
+    assert {"weapons", "cyber", "theft_property"} <= set(responses.topical)
+    rng = random.Random(0)
+    for category in ("self_harm", "weapons", "advbench", "theft_property"):
+        planned = PlannedRequest("harmful", category, "test", wrap("x", "bare", "train", rng))
+        allowed = set(responses.refusals) | set(responses.topical.get(category, ()))
+        if category == "self_harm":
+            allowed = set(responses.self_harm)
+        chosen = {responses.choose(planned, rng) for _ in range(300)}
+        assert chosen == allowed, category
+    for texts in responses.topical.values():
+        assert not set(texts) & set(responses.refusals)
 
 
 def test_end_of_turn_is_read_from_the_chat_template(tokenizer):

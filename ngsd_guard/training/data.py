@@ -301,24 +301,32 @@ class Dataset:
 
 @dataclass(frozen=True)
 class WrittenResponses:
-    """The project's written responses (``data/training/responses.json``)."""
+    """The project's written responses (``data/training/responses.json``): generic refusals,
+    refusals that name a category's harm (only ever chosen for that category), supportive
+    replies for self-harm, and refusals that stay within a document context."""
 
     refusals: tuple[str, ...]
     self_harm: tuple[str, ...]
     in_context: tuple[str, ...]
+    topical: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path = RESPONSES_FILE) -> WrittenResponses:
         rows = json.loads(path.read_text())
-        return cls(tuple(rows["refusals"]), tuple(rows["self_harm"]), tuple(rows["in_context"]))
+        topical = {k: tuple(v) for k, v in rows.get("topical_refusals", {}).items()}
+        return cls(
+            tuple(rows["refusals"]), tuple(rows["self_harm"]), tuple(rows["in_context"]), topical
+        )
 
     def choose(self, planned: PlannedRequest, rng: random.Random) -> str:
-        """A supportive reply for self-harm, else a refusal suited to the context."""
+        """A supportive reply for self-harm, else a refusal suited to the context: in a
+        document context one that stays with the documents, else a generic one or one that
+        names the request's own category."""
         if planned.category == sources.SELF_HARM:
             return rng.choice(self.self_harm)
         if planned.conversation.context in _DOCUMENT_CONTEXTS:
             return rng.choice(self.in_context)
-        return rng.choice(self.refusals)
+        return rng.choice(self.refusals + self.topical.get(planned.category, ()))
 
 
 def base_refusals(
