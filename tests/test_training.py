@@ -347,7 +347,7 @@ def test_saved_examples_train_again_and_the_held_out_slice_never_trains(tokenize
         examples_path=tmp_path / "examples.jsonl",
     )
     assert record["data"]["harmful"] == 4 and record["data"]["benign"] == 1
-    assert record["data"]["held_out_for_calibration"] == 2
+    assert record["data"]["held_out_for_calibration"] == 2 and record["build"]["seed"] == 0
     # all of them are saved when building anew, so that loading them must drop the slice
     dataset = build_dataset(model, tokenizer, plan, _renderer(model, tokenizer), build)
     save_examples(dataset, tmp_path / "all.jsonl", tokenizer)
@@ -372,6 +372,7 @@ def test_saved_examples_train_again_and_the_held_out_slice_never_trains(tokenize
         examples=loaded,
     )
     assert record["data"]["loaded_examples"] == 7 and record["data"]["held_out"] == 2
+    assert "build" not in record  # the run that saved them built them
     assert (tmp_path / "b" / "adapter_config.json").is_file()
     row = json.loads((tmp_path / "all.jsonl").read_text().splitlines()[0])
     del row["request"]

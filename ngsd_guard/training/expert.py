@@ -122,14 +122,14 @@ def train_expert(
         built = [ex for ex in examples if not is_holdout(ex.prompt)]
         stats = {"loaded_examples": len(examples), "held_out": len(examples) - len(built)}
     stats["held_out_for_calibration"] = len(holdout)
-    examples = [ex for ex in built if len(ex.input_ids) <= lora.max_length]
-    stats["dropped_over_max_length"] = len(built) - len(examples)
+    trainable = [ex for ex in built if len(ex.input_ids) <= lora.max_length]
+    stats["dropped_over_max_length"] = len(built) - len(trainable)
     record["data"] = stats
     peft_model = (
         wrap_lora(model, lora) if init_dir is None else load_trainable_adapter(model, init_dir)
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    report = train_lora(peft_model, examples, lora, pad_id=pad)
+    report = train_lora(peft_model, trainable, lora, pad_id=pad)
     save_adapter_fp16(peft_model, out, base_name)
     record["training"] = {
         "steps": report.steps,
@@ -147,7 +147,8 @@ def train_expert(
         )
         result.save(out)
         record["calibration"] = result.summary()
-    record["build"] = asdict(build)
+    if examples is None:  # loaded examples were built by the run that saved them
+        record["build"] = asdict(build)
     record["seconds"] = round(time.perf_counter() - started, 1)
     (out / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
