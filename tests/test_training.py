@@ -333,20 +333,12 @@ def test_saved_examples_train_again_and_the_held_out_slice_never_trains(tokenize
     plan = _tiny_plan() + _held_out_plan()
     build = BuildConfig(refusal_tries=1, refusal_tokens=4, compliant_tokens=4, benign_tokens=4)
     lora = LoraSettings(r=2, lora_alpha=4, epochs=1, batch_size=4)
+    common = dict(plan=plan, base_name="tiny", build=build, lora=lora, probe=None, calibrate=False)
     # without calibration too, the held-out requests stay out of the data
-    record = train_expert(
-        model,
-        tokenizer,
-        plan=plan,
-        out=tmp_path / "a",
-        base_name="tiny",
-        build=build,
-        lora=lora,
-        probe=None,
-        calibrate=False,
-        examples_path=tmp_path / "examples.jsonl",
-    )
+    saved = tmp_path / "examples.jsonl"
+    record = train_expert(model, tokenizer, out=tmp_path / "a", examples_path=saved, **common)
     assert record["data"]["harmful"] == 4 and record["data"]["benign"] == 1
+    assert len(load_examples(saved, tokenizer)) == 5
     assert record["data"]["held_out_for_calibration"] == 2 and record["build"]["seed"] == 0
     # all of them are saved when building anew, so that loading them must drop the slice
     dataset = build_dataset(model, tokenizer, plan, _renderer(model, tokenizer), build)
@@ -359,18 +351,7 @@ def test_saved_examples_train_again_and_the_held_out_slice_never_trains(tokenize
         assert tokenizer.decode(again.response_ids) == tokenizer.decode(ex.response_ids)
         if ex.kind == "refusal":
             assert again.response_ids == ex.response_ids
-    record = train_expert(
-        tiny_llama(6),
-        tokenizer,
-        plan=plan,
-        out=tmp_path / "b",
-        base_name="tiny",
-        build=build,
-        lora=lora,
-        probe=None,
-        calibrate=False,
-        examples=loaded,
-    )
+    record = train_expert(tiny_llama(6), tokenizer, out=tmp_path / "b", examples=loaded, **common)
     assert record["data"]["loaded_examples"] == 7 and record["data"]["held_out"] == 2
     assert "build" not in record  # the run that saved them built them
     assert (tmp_path / "b" / "adapter_config.json").is_file()
