@@ -258,9 +258,16 @@ def test_seeds_respect_the_fixed_splits():
 
 
 @pytest.mark.parametrize(
-    "flag", [["--max-length", "1"], ["--epochs", "0"], ["--r", "0"], ["--lr", "-0.5"]]
+    "flag",
+    [
+        ["--max-length", "1"],
+        ["--epochs", "0"],
+        ["--r", "0"],
+        ["--lr", "-0.5"],
+        ["--refusal-tries", "0"],
+    ],
 )
-def test_bad_lora_settings_are_named_before_a_model_loads(tmp_path, capsys, flag):
+def test_bad_training_settings_are_named_before_a_model_loads(tmp_path, capsys, flag):
     from ngsd_guard.cli import main
 
     save_plan(_tiny_plan(), tmp_path / "plan.jsonl")

@@ -49,6 +49,17 @@ def is_holdout(request: str, percent: int = HOLDOUT_PERCENT) -> bool:
     return zlib.crc32(request.encode()) % 100 < percent
 
 
+def split_holdout(
+    plan: Sequence[PlannedRequest],
+) -> tuple[list[PlannedRequest], list[PlannedRequest]]:
+    """``(train, holdout)``: the planned requests that train, and those held out."""
+    train: list[PlannedRequest] = []
+    holdout: list[PlannedRequest] = []
+    for planned in plan:
+        (holdout if is_holdout(planned.conversation.request) else train).append(planned)
+    return train, holdout
+
+
 def dissents(generation: Generation) -> int:
     """The expert's dissents in one answer (spikes where it confidently preferred another
     token than the base's)."""

@@ -173,11 +173,11 @@ def _add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
 def cmd_calibrate_expert(args: argparse.Namespace) -> int:
     from ..guarded import GuardedLM
     from ..loading import default_model_dir
-    from .calibrate import is_holdout
+    from .calibrate import split_holdout
     from .data import BuildConfig
 
     plan = _read_plan(args, BuildConfig(seed=args.seed))
-    holdout = [p for p in plan if is_holdout(p.conversation.request)]
+    _, holdout = split_holdout(plan)
     lm = GuardedLM.from_pretrained(
         args.model or default_model_dir(), adapter=args.expert_dir, device=args.device
     )
@@ -225,7 +225,7 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
     from ..features import PromptFeatures
     from ..guarded import GuardedLM
     from ..loading import DEFAULT_MODEL_NAME, default_model_dir
-    from .calibrate import is_holdout
+    from .calibrate import split_holdout
     from .data import BuildConfig
     from .expert import RECORD_FILE, train_probe
     from .trainer import require_adapter
@@ -237,8 +237,7 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
         benign_contexts=args.benign_contexts,
     )
     plan = _read_plan(args, build)
-    holdout = [p for p in plan if is_holdout(p.conversation.request)]
-    train = [p for p in plan if not is_holdout(p.conversation.request)]
+    train, holdout = split_holdout(plan)
     lm = GuardedLM.from_pretrained(
         args.model or default_model_dir(), adapter=args.expert_dir, device=args.device
     )

@@ -286,11 +286,11 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recovery_rate <= 1.0:
-            raise ValueError(f"`recovery_rate` (={self.recovery_rate}) must be in [0, 1]")
+            raise ConfigError(f"`recovery_rate` (={self.recovery_rate}) must be in [0, 1]")
         if self.refusal_tries < 1:
-            raise ValueError(f"`refusal_tries` (={self.refusal_tries}) must be at least 1")
+            raise ConfigError(f"`refusal_tries` (={self.refusal_tries}) must be at least 1")
         if self.harmful_contexts < 1 or self.benign_contexts < 1:
-            raise ValueError("`harmful_contexts` and `benign_contexts` must be at least 1")
+            raise ConfigError("`harmful_contexts` and `benign_contexts` must be at least 1")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ..features import PromptFeatures
 from ..guarded import GuardedLM
 from ..reflection import POLICY_FILE, ProbeReader
 from .calibrate import calibrate as calibrate_policy
-from .calibrate import is_holdout
+from .calibrate import is_holdout, split_holdout
 from .data import BuildConfig, Example, PlannedRequest, build_dataset, save_examples
 from .probe import cross_validated_auc, fit_probe, probe_features
 from .trainer import (
@@ -102,8 +102,7 @@ def train_expert(
             if (init_dir / name).is_file():
                 shutil.copyfile(init_dir / name, out / name)
     calibrate = calibrate and (probe is not None or (out / PROBE_FILE).is_file())
-    holdout = [p for p in plan if is_holdout(p.conversation.request)]
-    plan = [p for p in plan if not is_holdout(p.conversation.request)]
+    plan, holdout = split_holdout(plan)
     record: dict[str, object] = {"base": base_name, "command": command}
     if init_dir is not None and (init_dir / RECORD_FILE).is_file():
         # The adapter's history: the record of the run this one goes on from.
