@@ -106,3 +106,9 @@ class GuardConfig(_Frozen):
     max_stream_delay: float | None = Field(
         0.3, gt=0, description="seconds a drafted token may wait to be streamed; None: no bound"
     )
+    prefix_cache_tokens: int = Field(
+        4096,
+        ge=0,
+        description="tokens of shared prompt headers (system prompts, tool schemas) kept per "
+        "model between calls; 0 prefills every prompt whole",
+    )

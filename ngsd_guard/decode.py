@@ -48,6 +48,7 @@ from .divergence import DIVERGENCES
 from .experts import Expert, Runner
 from .features import PromptFeatures
 from .gate import GateState, make_gate
+from .prefixes import Header, PrefixCache, expert_header_length, header_length
 from .records import StepRecord
 from .replay import WindowResult, replay
 from .rows import Draft, Row, RowResult, RowSpec
@@ -123,8 +124,10 @@ class Decoder:
         eos_ids: Sequence[int],
         assess: Assess,
         features: PromptFeatures | None,
+        prefixes: PrefixCache | None = None,
     ) -> None:
         self.base, self.expert, self.config = base, expert, config
+        self.prefixes = prefixes
         self.tokenizer = tokenizer
         self.eos_ids = list(eos_ids)
         self.eos = set(self.eos_ids)
@@ -232,6 +235,7 @@ class Decoder:
         base_prompts = [s.base_ids for s in specs]
         features = self.features if any(s.alpha is None for s in specs) else None
         spans = [s.span or (0, len(s.base_ids)) for s in specs]
+        base_headers, expert_headers = self._headers(specs)
         expert_pre: Prefill | None = None
         joint = self.expert.joint_adapter if self.expert is not None else None
         if self.expert is not None and joint and all(s.base_ids == s.expert_ids for s in specs):
@@ -239,16 +243,26 @@ class Decoder:
                 self.expert.runner,
                 [*base_prompts, *base_prompts],
                 pad_id,
+                headers=[*base_headers, *expert_headers],
                 features=features,
                 spans=[*spans, *spans],
                 adapter_names=["__base__"] * count + [joint] * count,
             )
             base_pre, expert_pre = split(both, count, (self.base, self.expert.runner))
         else:
-            base_pre = prefill(self.base, base_prompts, pad_id, features=features, spans=spans)
+            base_pre = prefill(
+                self.base,
+                base_prompts,
+                pad_id,
+                headers=base_headers,
+                features=features,
+                spans=spans,
+            )
             if self.expert is not None:
                 expert_prompts = [s.expert_ids for s in specs]
-                expert_pre = prefill(self.expert.runner, expert_prompts, pad_id)
+                expert_pre = prefill(
+                    self.expert.runner, expert_prompts, pad_id, headers=expert_headers
+                )
         if self._timing.estimate("verify") is None:  # a prompt's forward: a first guess
             self._timing.observe("verify", time.perf_counter() - admitted)
         read = prompt_features(features, base_pre, expert_pre) if features is not None else None
@@ -288,6 +302,22 @@ class Decoder:
         self._schedule = self._schedule.cat(schedule)
         self._dissents = torch.cat([self._dissents, dissents])
         self._sampling = self._sampling.cat(sampling)
+
+    def _headers(self, specs: Sequence[RowSpec]) -> tuple[list[Header | None], list[Header | None]]:
+        """Each row's header on the base and on the expert (:mod:`ngsd_guard.prefixes`): the
+        states of the tokens before its last user message, cached; None without a cache."""
+        if self.prefixes is None:
+            return [None] * len(specs), [None] * len(specs)
+        base, expert = [], []
+        for spec in specs:
+            cut = header_length(spec.base_ids, spec.span)
+            base.append(self.prefixes.header("base", self.base, spec.base_ids[:cut]))
+            if self.expert is not None:
+                at = expert_header_length(spec.base_ids, spec.expert_ids, cut)
+                expert.append(
+                    self.prefixes.header("expert", self.expert.runner, spec.expert_ids[:at])
+                )
+        return base, expert
 
     def _first_window(self, alpha: float) -> int:
         """A new row's window: its cap, or at most FIRST_ACTIVE_WINDOW when alpha is above 0."""

@@ -46,6 +46,7 @@ from .loading import (
     resolve_device,
     resolve_dtype,
 )
+from .prefixes import PrefixCache
 from .records import GateEvent, Generation, StepRecord, Summary
 from .rows import RowResult, RowSpec
 from .sides import prefill, prompt_features
@@ -96,10 +97,16 @@ class GuardedLM:
         config: GuardConfig | None = None,
         alpha_policy: AlphaPolicy | None = None,
         model_name: str = "model",
+        prefixes: PrefixCache | None = None,
     ) -> None:
-        """Use :meth:`from_default`, :meth:`from_pretrained` or :meth:`from_models`."""
+        """Use :meth:`from_default`, :meth:`from_pretrained` or :meth:`from_models`.
+        ``prefixes``: a prompt-header cache of these same models to share (:meth:`with_options`)."""
         self.tokenizer = tokenizer
         self.config = config or GuardConfig()
+        budget = self.config.prefix_cache_tokens
+        if prefixes is None or prefixes.max_tokens != budget:
+            prefixes = PrefixCache(budget)
+        self._prefixes = prefixes
         self.alpha_policy = alpha_policy
         self.model_name = model_name
         self._base = base
@@ -125,6 +132,7 @@ class GuardedLM:
             config=config or self.config,
             alpha_policy=alpha_policy or self.alpha_policy,
             model_name=self.model_name,
+            prefixes=self._prefixes,
         )
 
     # ------------------------------------------------------------------ construction
@@ -504,7 +512,7 @@ class GuardedLM:
             request.prompt,
             raw=bool(options.get("raw", False)),
             tools=options.get("tools"),
-            locate_request=alpha is None and self._policy_features is not None,
+            locate_request=True,
         )
         fields = self.config.decoding.model_dump()
         for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
@@ -625,6 +633,7 @@ class BatchStream:
             eos_ids=lm._eos_ids,
             assess=_unguarded if unread else lm._assess,
             features=None if unread else features,
+            prefixes=lm._prefixes if lm.config.prefix_cache_tokens else None,
         )
         for request in requests:
             self.add(request)

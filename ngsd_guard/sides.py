@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from .experts import Runner
 from .features import PromptFeatures, first_divergence
+from .prefixes import Header
 
 COMPACT_MIN_SLOTS = 32
 """Compact once this many slots (and at least :data:`COMPACT_MIN_SHARE` of the cache) are dead
@@ -148,31 +149,42 @@ def prefill(
     prompts: Sequence[Sequence[int]],
     pad_id: int,
     *,
+    headers: Sequence[Header | None] | None = None,
     features: PromptFeatures | None = None,
     spans: Sequence[tuple[int, int]] | None = None,
     adapter_names: Sequence[str] | None = None,
 ) -> Prefill:
-    """Feed left-padded prompts to a fresh cache: the side, the next-token logits (B, V) and,
-    if ``features`` are asked, the (B, F) prompt features pooled from this forward, with
-    ``spans`` each prompt's [start, end) token positions of its last user message."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    """Feed prompts to a fresh cache: the side, the next-token logits (B, V) and, if
+    ``features`` are asked, the (B, F) prompt features pooled from this forward, with
+    ``spans`` each prompt's [start, end) token positions of its last user message.
+
+    ``headers`` (:mod:`ngsd_guard.prefixes`), per row, the states of the prompt's first tokens
+    already computed on this model: only the rest is fed. Each row's slots are its header
+    right-aligned in the widest header's width, then its rest left-padded; a span must not
+    start inside the header."""
+    headers = list(headers) if headers is not None else [None] * len(prompts)
+    cuts = [h.length if h is not None else 0 for h in headers]
+    rests = [list(p[cut:]) for p, cut in zip(prompts, cuts, strict=True)]
+    front, width = max(cuts), max(len(r) for r in rests)
+    ids = torch.full((len(rests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rests), front + width), dtype=torch.long)
+    positions = torch.zeros((len(rests), width), dtype=torch.long)
+    for row, (rest, cut) in enumerate(zip(rests, cuts, strict=True)):
+        ids[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+        mask[row, front - cut : front] = 1
+        mask[row, front + width - len(rest) :] = 1
+        positions[row, width - len(rest) :] = torch.arange(cut, cut + len(rest))
     padded_spans = None
     if features is not None:
         if spans is None:
             raise ValueError("`features` need the `spans` of the last user message")
-        padded_spans = torch.tensor(  # in padded positions
+        padded_spans = torch.tensor(  # in the fed positions
             [
-                (start + width - len(p), end + width - len(p))
-                for p, (start, end) in zip(prompts, spans, strict=True)
+                (start - cut + width - len(r), end - cut + width - len(r))
+                for r, cut, (start, end) in zip(rests, cuts, spans, strict=True)
             ]
         )
-    cache = DynamicCache()
+    cache = _header_cache(headers, front)
     logits, pooled = runner.forward(
         ids,
         mask,
@@ -185,6 +197,21 @@ def prefill(
     )
     side = ModelSide(runner, cache, mask, positions[:, -1] + 1)
     return Prefill(side, logits[:, -1], pooled)
+
+
+def _header_cache(headers: Sequence[Header | None], width: int) -> DynamicCache:
+    """A cache holding each row's header right-aligned in ``width`` slots (empty: none)."""
+    if not width:
+        return DynamicCache()
+    known = next(h for h in headers if h is not None)
+    layers = []
+    for layer, (keys, _) in enumerate(known.states):
+        empty = keys.new_zeros((1, keys.shape[1], 0, keys.shape[3]))
+        rows = [h.states[layer] if h is not None else (empty, empty) for h in headers]
+        layers.append(
+            tuple(torch.cat([_left_pad(row[i], width, 2) for row in rows]) for i in (0, 1))
+        )
+    return DynamicCache(ddp_cache_data=layers)
 
 
 def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tuple[Prefill, Prefill]:

@@ -44,3 +44,22 @@ def test_rows_leave_and_join(tiny_base):
     logits = side.feed(torch.tensor([[30], [31]]))[:, -1]
     assert torch.allclose(logits[0], _full(tiny_base, [8, 9, 21, 30]), atol=1e-4)
     assert torch.allclose(logits[1], _full(tiny_base, [12, 13, 14, 15, 16, 17, 31]), atol=1e-4)
+
+
+def test_a_prefill_over_headers_gives_the_logits_and_features_of_whole_prompts(tiny_base):
+    from ngsd_guard.features import PromptFeatures
+    from ngsd_guard.prefixes import compute_header
+
+    runner = _runner(tiny_base)
+    features = PromptFeatures.parse("last@1+mean@1")
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14], [15, 16, 17]]
+    spans = [(4, 6), (2, 3), (0, 3)]
+    headers = [compute_header(runner, [5, 6, 7, 8]), compute_header(runner, [11, 12]), None]
+    whole = prefill(runner, prompts, pad_id=2, features=features, spans=spans)
+    split = prefill(runner, prompts, pad_id=2, headers=headers, features=features, spans=spans)
+    assert split.side.mask.shape[1] == 4 + 3  # the widest header, then the longest rest
+    assert torch.allclose(split.logits, whole.logits, atol=1e-4)
+    assert torch.allclose(split.features, whole.features, atol=1e-4)
+    logits = split.side.feed(torch.tensor([[40], [41], [42]]))[:, -1]
+    for row, (prompt, token) in enumerate(zip(prompts, (40, 41, 42), strict=True)):
+        assert torch.allclose(logits[row], _full(tiny_base, [*prompt, token]), atol=1e-4)
