@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from ngsd_guard.training import (
     train_lora,
     wrap_lora,
 )
+from ngsd_guard.training.command import add_parser
 from ngsd_guard.training.data import (
     PlannedRequest,
     load_examples,
@@ -242,6 +245,27 @@ def test_plan_draws_contexts_per_request_and_round_trips(tmp_path):
     assert plan == plan_requests(seeds, BuildConfig(seed=0, harmful_contexts=1, benign_contexts=2))
     save_plan(plan, tmp_path / "plan.jsonl")
     assert load_plan(tmp_path / "plan.jsonl") == plan
+
+
+def test_a_weighted_category_is_planned_in_its_own_number_of_contexts(tmp_path):
+    seeds = Seeds(
+        harmful=[Request(f"hurt myself {i}", "self_harm") for i in range(5)]
+        + [Request(f"do harm {i}", "violence") for i in range(7)],
+        benign=[Request(f"bake bread {i}") for i in range(3)],
+    )
+    plan = plan_requests(seeds, BuildConfig(harmful_contexts=2, benign_contexts=1))
+    by_category = Counter(p.category for p in plan)
+    assert by_category == {"self_harm": 5 * 4, "violence": 7 * 2, "": 3}  # the default: 4
+    plan = plan_requests(seeds, BuildConfig(harmful_contexts=2, category_contexts={}))
+    assert Counter(p.category for p in plan)["self_harm"] == 5 * 2
+    with pytest.raises(ConfigError, match="self_harm"):
+        BuildConfig(category_contexts={"self_harm": 0})
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train-expert", "--category-contexts", "weapons=3, drugs=1"])
+    assert args.category_contexts == {"weapons": 3, "drugs": 1}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-expert", "--category-contexts", "weapons=0"])
 
 
 @needs_data

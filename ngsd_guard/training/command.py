@@ -48,6 +48,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--benign-contexts", type=int, default=2, help="contexts drawn per benign request"
     )
     parser.add_argument(
+        "--category-contexts",
+        type=_category_contexts,
+        metavar="CATEGORY=K,...",
+        help="harmful categories drawn in K contexts per request instead of --harmful-contexts "
+        "(default: data.CATEGORY_CONTEXTS, self_harm=4; '' for none)",
+    )
+    parser.add_argument(
         "--save-plan", type=Path, help="write the planned requests in their contexts (JSONL)"
     )
     parser.add_argument(
@@ -134,6 +141,13 @@ def _add_probe_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--benign-contexts", type=int, default=3, help="contexts drawn per benign request"
     )
+    parser.add_argument(
+        "--category-contexts",
+        type=_category_contexts,
+        metavar="CATEGORY=K,...",
+        help="harmful categories drawn in K contexts per request instead of --harmful-contexts "
+        "(default: data.CATEGORY_CONTEXTS, self_harm=4; '' for none)",
+    )
     parser.add_argument("--probe-features", default="last@30+mean@18", help="as for train-expert")
     parser.add_argument("--no-calibrate", action="store_true", help="only refit the probe")
     parser.set_defaults(handler=cmd_train_probe)
@@ -207,6 +221,24 @@ def _calibrate_into(
     return result.summary()
 
 
+def _category_contexts(text: str) -> dict[str, int]:
+    """``"self_harm=4,weapons=3"`` -> ``{"self_harm": 4, "weapons": 3}`` ('' -> none)."""
+    out = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        category, _, count = pair.partition("=")
+        if not category or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"expected CATEGORY=K with K >= 1, got {pair!r}")
+        out[category] = int(count)
+    return out
+
+
+def _categories(args: argparse.Namespace) -> dict[str, int]:
+    """``--category-contexts``, or the default ones."""
+    from .data import CATEGORY_CONTEXTS
+
+    return dict(CATEGORY_CONTEXTS) if args.category_contexts is None else args.category_contexts
+
+
 def _read_plan(args: argparse.Namespace, build: BuildConfig) -> list[PlannedRequest]:
     """``--plan`` if given, else the training requests planned anew under ``build``."""
     from .data import load_plan, load_seeds, plan_requests
@@ -235,6 +267,7 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
         seed=args.seed,
         harmful_contexts=args.harmful_contexts,
         benign_contexts=args.benign_contexts,
+        category_contexts=_categories(args),
     )
     plan = _read_plan(args, build)
     train, holdout = split_holdout(plan)
@@ -255,6 +288,7 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
         probe["contexts_per_request"] = {
             "harmful": args.harmful_contexts,
             "benign": args.benign_contexts,
+            "by_category": build.category_contexts,
         }
     else:
         probe["plan"] = str(args.plan)
@@ -298,6 +332,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         benign_tokens=args.answer_tokens,
         harmful_contexts=args.harmful_contexts,
         benign_contexts=args.benign_contexts,
+        category_contexts=_categories(args),
         batch_size=args.generate_batch_size,
     )
     lora = LoraSettings(

@@ -126,7 +126,8 @@ class PlannedRequest:
 
 
 def plan_requests(seeds: Seeds, config: BuildConfig) -> list[PlannedRequest]:
-    """Each harmful request in ``config.harmful_contexts`` contexts and each benign one in
+    """Each harmful request in ``config.harmful_contexts`` contexts (those of a category in
+    ``config.category_contexts``: in that many) and each benign one in
     ``config.benign_contexts``, drawn from :data:`~ngsd_guard.contexts.TRAIN_CONTEXTS`
     (deterministic under ``config.seed``)."""
     rng = random.Random(config.seed)
@@ -137,6 +138,8 @@ def plan_requests(seeds: Seeds, config: BuildConfig) -> list[PlannedRequest]:
         ("benign", seeds.benign, config.benign_contexts),
     ):
         for request in requests:
+            if label == "harmful":
+                count = config.category_contexts.get(request.category, config.harmful_contexts)
             for context in rng.choices(names, weights, k=count):
                 conversation = wrap(request.text, context, "train", rng)
                 plan.append(PlannedRequest(label, request.category, request.source, conversation))
@@ -268,6 +271,13 @@ def recovery_response(
     return prefix + list(refusal_ids), len(prefix)
 
 
+CATEGORY_CONTEXTS = {"self_harm": 4}
+"""Harmful categories planned in more contexts than ``harmful_contexts`` by default. A
+self-harm request is answered with a supportive reply that points to help, not a refusal;
+at two contexts each (144 of 5068 examples) one epoch of a fresh adapter learned none of it
+(0 of 6 checks), where a corrective stage with three per request learned 5 of 6."""
+
+
 @dataclass
 class BuildConfig:
     """How the data is built. Paper-style defaults; every request in its drawn contexts."""
@@ -283,6 +293,7 @@ class BuildConfig:
     batch_size: int = 32
     harmful_contexts: int = 2
     benign_contexts: int = 2
+    category_contexts: dict[str, int] = field(default_factory=lambda: dict(CATEGORY_CONTEXTS))
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recovery_rate <= 1.0:
@@ -291,6 +302,9 @@ class BuildConfig:
             raise ConfigError(f"`refusal_tries` (={self.refusal_tries}) must be at least 1")
         if self.harmful_contexts < 1 or self.benign_contexts < 1:
             raise ConfigError("`harmful_contexts` and `benign_contexts` must be at least 1")
+        for category, count in self.category_contexts.items():
+            if count < 1:
+                raise ConfigError(f"`category_contexts` of {category!r} (={count}) must be >= 1")
 
 
 @dataclass
