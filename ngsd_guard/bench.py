@@ -20,6 +20,9 @@ when it is high, since every spike may then replace a token and cut a window).
 * **the reference NGSD decoding style** (both models over the whole prefix at every step,
   batch 1, no cache, as the paper's code does) at 256 tokens, both at the alpha the policy
   reads for the prompt: ``speedup`` of the engine;
+* **an agent's prompt** (a system prompt and tool schemas, about 600 tokens): time to the
+  first streamed token, guarded and base alone, with the prompt-header cache and without it
+  (``prefix_cache_tokens=0``): ``ttft_ratio`` and ``uncached_ttft_ratio``;
 * optionally (``--delays``) streaming at several ``max_stream_delay``: the trade-off between
   the longest gap and the streams' ``time_ratio``.
 
@@ -185,6 +188,49 @@ def measure_streaming(
         "guarded_max_gap_ms": 1000 * guarded_gap,
         "max_gap_ratio": guarded_gap / base_gap,
         "time_ratio": per_token(guarded) / per_token(base),
+    }
+
+
+def agent_prompt() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A benign request under an agent's system prompt and tool schemas (the held-out side of
+    the ``agent-tools`` context): the messages and the tools."""
+    from .contexts import wrap_for_eval
+
+    conversation = wrap_for_eval([BENCH_PROMPTS[2]], "agent-tools")[0]
+    return [dict(m) for m in conversation.messages], [dict(t) for t in conversation.tools]
+
+
+def measure_agent(lm: GuardedLM, args: argparse.Namespace) -> dict[str, Any]:
+    """Time to the first streamed token under an agent's prompt (system prompt and tool
+    schemas), guarded and base alone (``guard=False``), with the prompt-header cache as
+    configured (every call after the first finds the header cached) and without it
+    (``prefix_cache_tokens=0``: every call prefills the whole prompt on both models)."""
+    messages, tools = agent_prompt()
+    uncached = lm.with_options(config=lm.config.model_copy(update={"prefix_cache_tokens": 0}))
+
+    def ttft(model: GuardedLM, guard: bool) -> float:
+        seconds = []
+        for _ in range(max(3, args.repeats)):
+            started = time.perf_counter()
+            stream = iter(model.stream(messages, tools=tools, max_new_tokens=4, guard=guard))
+            next(stream)
+            seconds.append(time.perf_counter() - started)
+            for _ in stream:
+                pass
+        return 1000 * statistics.median(seconds)
+
+    figures = {
+        "base_ttft_ms": ttft(lm, False),
+        "guarded_ttft_ms": ttft(lm, True),
+        "uncached_base_ttft_ms": ttft(uncached, False),
+        "uncached_guarded_ttft_ms": ttft(uncached, True),
+    }
+    return {
+        "prompt_tokens": len(lm.encode_prompt(messages, tools=tools).base),
+        **figures,
+        "ttft_ratio": figures["guarded_ttft_ms"] / figures["base_ttft_ms"],
+        "uncached_ttft_ratio": figures["uncached_guarded_ttft_ms"]
+        / figures["uncached_base_ttft_ms"],
     }
 
 
@@ -431,6 +477,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             }
             measurements: dict[str, Callable[[], Any]] = {
                 "streaming": lambda lm=lm: measure_streaming(lm, args),
+                "agent": lambda lm=lm: measure_agent(lm, args),
             }
             if args.batch_size:
                 measurements["batch"] = lambda lm=lm: measure_batch(lm, args)

@@ -26,7 +26,7 @@ def test_reference_decoding_gives_the_engines_tokens(tiny_base, tiny_expert, tok
 
 def test_bench_reports_every_ratio_against_the_base(tokenizer, tmp_path, capsys):
     model_dir = tmp_path / "tiny"
-    tiny_llama(0, max_positions=512).save_pretrained(model_dir)
+    tiny_llama(0, max_positions=1024).save_pretrained(model_dir)  # room for the agent's prompt
     tokenizer.save_pretrained(model_dir)
     args = ["bench", "--model", str(model_dir), "--device", "cpu", "--json", "--repeats", "1"]
     args += ["--lengths", "8", "--batch-size", "2", "--batch-tokens", "4"]
@@ -41,6 +41,9 @@ def test_bench_reports_every_ratio_against_the_base(tokenizer, tmp_path, capsys)
     assert length["max_new_tokens"] == 8 and length["time_ratio"] > 0
     assert length["base_peak_mb"] > 0 and length["memory_ratio"] > 0
     assert report["batch"]["throughput_ratio"] > 0
+    agent = report["agent"]
+    assert agent["prompt_tokens"] > 300  # a system prompt and tool schemas
+    assert agent["ttft_ratio"] > 0 and agent["uncached_ttft_ratio"] > 0
     reference = report["reference"]
     assert reference["reference_tokens"] == reference["guarded_tokens"] > 0
     assert reference["speedup"] > 0
