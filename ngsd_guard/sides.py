@@ -211,7 +211,16 @@ def _header_cache(headers: Sequence[Header | None], width: int) -> DynamicCache:
         layers.append(
             tuple(torch.cat([_left_pad(row[i], width, 2) for row in rows]) for i in (0, 1))
         )
-    return DynamicCache(ddp_cache_data=layers)
+    return _cache_of(layers)
+
+
+def _cache_of(states: Sequence[tuple[torch.Tensor, ...]]) -> DynamicCache:
+    """A cache holding ``states`` (per layer: keys, values) as they are, not copied: nothing
+    writes a cache's tensors in place (every update, crop and compaction makes new ones)."""
+    cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in states])
+    for layer, (keys, values) in zip(cache.layers, states, strict=True):
+        layer.keys, layer.values = keys, values
+    return cache
 
 
 def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tuple[Prefill, Prefill]:
@@ -219,15 +228,12 @@ def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tupl
     to the second (a base and its LoRA expert prefilled in one forward)."""
     side = prefilled.side
     halves = []
-    for runner, index in zip(
-        runners, (torch.arange(rows), torch.arange(rows, side.rows)), strict=True
-    ):
-        states = [(layer.keys[index], layer.values[index]) for layer in side.cache.layers]
+    for runner, index in zip(runners, (slice(0, rows), slice(rows, side.rows)), strict=True):
         part = ModelSide(
             runner,
-            DynamicCache(ddp_cache_data=states),
-            side.mask[index],
-            side.next_position[index],
+            _cache_of([(layer.keys[index], layer.values[index]) for layer in side.cache.layers]),
+            side.mask[index].clone(),
+            side.next_position[index].clone(),
         )
         pooled = prefilled.features[index] if prefilled.features is not None else None
         halves.append(Prefill(part, prefilled.logits[index], pooled))
