@@ -63,6 +63,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=GuardConfig.model_fields["max_stream_delay"].default,
         help="seconds a drafted token may wait to be streamed ('none': no bound)",
     )
+    gate.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=GuardConfig.model_fields["prefix_cache_tokens"].default,
+        help="tokens of shared prompt headers kept per model between calls (0: none)",
+    )
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--max-new-tokens", type=int, default=128)
     decoding.add_argument("--temperature", type=float, default=0.0)
@@ -95,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
         window=args.window,
         quiet_window=args.quiet_window,
         max_stream_delay=args.max_stream_delay,
+        prefix_cache_tokens=args.prefix_cache_tokens,
     )
 
 

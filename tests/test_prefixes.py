@@ -104,3 +104,24 @@ def test_cached_headers_give_the_tokens_of_whole_prompts_and_feed_fewer(
     rest = 2 * (len(prompt.base) - header) if kind == "lora" else len(prompt.base) - header
     assert first_fed[:3] == [header, expert_header, rest]  # each header alone, then the rests
     assert second_fed[0] == rest and max(second_fed) < header  # the headers were kept
+
+
+def test_options_share_the_cache_and_the_flag_sets_its_budget(tiny_base, tokenizer, monkeypatch):
+    import argparse
+
+    from ngsd_guard.cli import add_model_options, config_from_args
+
+    lm = GuardedLM.from_models(tiny_base, tokenizer, expert=tiny_base)
+    lm.generate("Hi", max_new_tokens=2)
+    fed = _fed_tokens(monkeypatch)
+    lm.with_options(config=lm.config.model_copy(update={"window": 2})).generate(
+        "Hi", max_new_tokens=2
+    )
+    header = lm.encode_prompt("Hi", locate_request=True).span[0]
+    assert header > 0 and max(fed) < header  # the same models: the same cache
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    assert config_from_args(parser.parse_args([])).prefix_cache_tokens == 4096
+    assert (
+        config_from_args(parser.parse_args(["--prefix-cache-tokens", "0"])).prefix_cache_tokens == 0
+    )
