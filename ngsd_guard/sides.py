@@ -225,13 +225,23 @@ def _cache_of(states: Sequence[tuple[torch.Tensor, ...]]) -> DynamicCache:
 
 def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tuple[Prefill, Prefill]:
     """Two prefills from one whose first ``rows`` rows belong to the first runner and the rest
-    to the second (a base and its LoRA expert prefilled in one forward)."""
+    to the second (a base and its LoRA expert prefilled in one forward). The first half's
+    cache is a view (its next step replaces it); the second's a copy, since its next forward
+    may come a window later, and a view would hold the whole prefill until then."""
     side = prefilled.side
     halves = []
     for runner, index in zip(runners, (slice(0, rows), slice(rows, side.rows)), strict=True):
+        copy = index.start > 0
         part = ModelSide(
             runner,
-            _cache_of([(layer.keys[index], layer.values[index]) for layer in side.cache.layers]),
+            _cache_of(
+                [
+                    tuple(
+                        t[index].clone() if copy else t[index] for t in (layer.keys, layer.values)
+                    )
+                    for layer in side.cache.layers
+                ]
+            ),
             side.mask[index].clone(),
             side.next_position[index].clone(),
         )
