@@ -41,19 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--benign-limit", type=int, default=400, help="AlpacaEval anchors (100+)")
     parser.add_argument("--harmful-limit", type=int, default=None, help="cap harmful seeds")
-    parser.add_argument(
-        "--harmful-contexts", type=int, default=2, help="contexts drawn per harmful request"
-    )
-    parser.add_argument(
-        "--benign-contexts", type=int, default=2, help="contexts drawn per benign request"
-    )
-    parser.add_argument(
-        "--category-contexts",
-        type=_category_contexts,
-        metavar="CATEGORY=K,...",
-        help="harmful categories drawn in K contexts per request instead of --harmful-contexts "
-        "(default: data.CATEGORY_CONTEXTS, self_harm=4; '' for none)",
-    )
+    _add_context_options(parser, per_request=2)
     parser.add_argument(
         "--save-plan", type=Path, help="write the planned requests in their contexts (JSONL)"
     )
@@ -135,19 +123,7 @@ def _add_probe_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_expert_dir_options(parser)
     parser.add_argument("--benign-limit", type=int, default=400, help="AlpacaEval anchors (100+)")
-    parser.add_argument(
-        "--harmful-contexts", type=int, default=3, help="contexts drawn per harmful request"
-    )
-    parser.add_argument(
-        "--benign-contexts", type=int, default=3, help="contexts drawn per benign request"
-    )
-    parser.add_argument(
-        "--category-contexts",
-        type=_category_contexts,
-        metavar="CATEGORY=K,...",
-        help="harmful categories drawn in K contexts per request instead of --harmful-contexts "
-        "(default: data.CATEGORY_CONTEXTS, self_harm=4; '' for none)",
-    )
+    _add_context_options(parser, per_request=3)
     parser.add_argument("--probe-features", default="last@30+mean@18", help="as for train-expert")
     parser.add_argument("--no-calibrate", action="store_true", help="only refit the probe")
     parser.set_defaults(handler=cmd_train_probe)
@@ -219,6 +195,24 @@ def _calibrate_into(
     )
     result.save(args.expert_dir)
     return result.summary()
+
+
+def _add_context_options(parser: argparse.ArgumentParser, *, per_request: int) -> None:
+    """How many contexts each planned request is drawn in."""
+    for label in ("harmful", "benign"):
+        parser.add_argument(
+            f"--{label}-contexts",
+            type=int,
+            default=per_request,
+            help=f"contexts drawn per {label} request",
+        )
+    parser.add_argument(
+        "--category-contexts",
+        type=_category_contexts,
+        metavar="CATEGORY=K,...",
+        help="harmful categories drawn in K contexts per request instead of --harmful-contexts "
+        "(default: data.CATEGORY_CONTEXTS, self_harm=4; '' for none)",
+    )
 
 
 def _category_contexts(text: str) -> dict[str, int]:
