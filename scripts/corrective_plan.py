@@ -18,8 +18,9 @@ import argparse
 import json
 import random
 
+from ngsd_guard.errors import ConfigError
 from ngsd_guard.training.calibrate import is_holdout
-from ngsd_guard.training.data import TRAINING_DATA, load_plan, save_plan
+from ngsd_guard.training.data import TRAINING_DATA, load_plan, parse_category_counts, save_plan
 
 FIRST_STAGE_ITEMS = {"harmful": 334, "benign": 244}
 """How many items of each project list the first stage's plan drew from."""
@@ -31,17 +32,6 @@ def appended_requests() -> set[str]:
         rows = json.loads((TRAINING_DATA / f"{label}_requests.json").read_text())["requests"]
         texts |= {row["text"] for row in rows[known:]}
     return texts
-
-
-def weights(specs: list[str]) -> dict[str, int]:
-    """``CATEGORY=K`` pairs as a mapping."""
-    out = {}
-    for spec in specs:
-        category, _, k = spec.partition("=")
-        if not category or not k.isdigit() or int(k) < 1:
-            raise SystemExit(f"--weight takes CATEGORY=K with K >= 1, got {spec!r}")
-        out[category] = int(k)
-    return out
 
 
 def main() -> None:
@@ -58,7 +48,10 @@ def main() -> None:
         help="keep this category's requests in up to K contexts (repeatable)",
     )
     args = parser.parse_args()
-    weight = weights(args.weight)
+    try:
+        weight = parse_category_counts(args.weight)
+    except ConfigError as error:
+        raise SystemExit(f"--weight: {error}") from error
     seen: dict[tuple[str, str], int] = {}
     plan = []
     for planned in load_plan(args.plan):

@@ -217,13 +217,12 @@ def _add_context_options(parser: argparse.ArgumentParser, *, per_request: int) -
 
 def _category_contexts(text: str) -> dict[str, int]:
     """``"self_harm=4,weapons=3"`` -> ``{"self_harm": 4, "weapons": 3}`` ('' -> none)."""
-    out = {}
-    for pair in filter(None, (part.strip() for part in text.split(","))):
-        category, _, count = pair.partition("=")
-        if not category or not count.isdigit() or int(count) < 1:
-            raise argparse.ArgumentTypeError(f"expected CATEGORY=K with K >= 1, got {pair!r}")
-        out[category] = int(count)
-    return out
+    from .data import parse_category_counts
+
+    try:
+        return parse_category_counts([part for part in text.split(",") if part.strip()])
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _categories(args: argparse.Namespace) -> dict[str, int]:

@@ -278,6 +278,18 @@ at two contexts each (144 of 5068 examples) one epoch of a fresh adapter learned
 (0 of 6 checks), where a corrective stage with three per request learned 5 of 6."""
 
 
+def parse_category_counts(pairs: Sequence[str]) -> dict[str, int]:
+    """``["self_harm=4", "weapons=3"]`` -> ``{"self_harm": 4, "weapons": 3}``; a pair that is
+    not ``CATEGORY=K`` with K >= 1 is a ConfigError."""
+    out = {}
+    for pair in (part.strip() for part in pairs):
+        category, _, count = pair.partition("=")
+        if not category or not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"expected CATEGORY=K with K >= 1, got {pair!r}")
+        out[category] = int(count)
+    return out
+
+
 @dataclass
 class BuildConfig:
     """How the data is built. Paper-style defaults; every request in its drawn contexts."""
