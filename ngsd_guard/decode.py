@@ -7,9 +7,10 @@ Every iteration, for all active rows at once:
    (a constrained row masks the logits with its matcher's ``allowed()`` and ``accept``\\ s it).
 2. *Verify* (when none is running and some row is due): the expert scores every row's oldest
    drafts in one forward, and the gate replays over them (:func:`ngsd_guard.replay.replay`).
-   A small verification runs on a worker thread while the base goes on drafting (on a CPU
-   the base's single-token steps leave cores idle); a large one (more than
-   :data:`OVERLAP_MAX_TOKENS` tokens) runs between two steps. Once it is done, a row keeps
+   Where the two forwards can run side by side (:func:`overlaps`: a GPU, or the expert on a
+   device of its own), a small verification runs on a worker thread while the base goes on
+   drafting; a large one (more than :data:`OVERLAP_MAX_TOKENS` tokens), or any one when
+   both models share the CPU's cores, runs between two steps. Once it is done, a row keeps
    its drafts up to the first one the gate replaces; the replaced token is kept, and every
    later draft leaves both caches (and the matcher rewinds them).
 3. *Step*: the base is fed each row's newest token, one forward for the batch.
@@ -67,9 +68,19 @@ FIRST_ACTIVE_WINDOW = 4
 refusal's opening) then wastes few drafts."""
 
 OVERLAP_MAX_TOKENS = 16
-"""A verification feeding at most this many tokens (all rows together) runs beside the base's
-steps; a larger one would compete with them for the same cores (on a small CPU both are
-compute-bound by then), so it runs between two steps instead."""
+"""Where verifications overlap the base's steps (:func:`overlaps`), one feeding at most this
+many tokens (all rows together) runs beside them; a larger one would compete with them for
+the device, so it runs between two steps instead."""
+
+
+def overlaps(base: Runner, expert: Expert | None) -> bool:
+    """Whether the expert's verification may run beside the base's steps: not when both models
+    run on the same CPU, where the two forwards compete for the same cores (on 2 cores a
+    refusal streamed 22% slower with them side by side: ``ngsd-guard bench``'s lock-picking
+    prompt at 175 against 137 ms per token)."""
+    if expert is None:
+        return False
+    return base.handle.device.type != "cpu" or expert.runner.handle.device != base.handle.device
 
 
 class _Timing:
@@ -136,6 +147,7 @@ class Decoder:
         self.divergence = DIVERGENCES[config.divergence]
         self.max_window = config.window if expert is not None else 1
         self.quiet_window = config.quiet_window if expert is not None else 1
+        self.overlap_tokens = OVERLAP_MAX_TOKENS if overlaps(base, expert) else 0
         self.results: dict[int, RowResult] = {}
         self._timing = _Timing()
         self._lock = threading.Lock()
@@ -200,7 +212,7 @@ class Decoder:
                     yield from self._keep_drafts()
                 elif self._running is None:
                     job = self._next_verification()
-                    if job is not None and 0 < job.fed_tokens <= OVERLAP_MAX_TOKENS:
+                    if job is not None and 0 < job.fed_tokens <= self.overlap_tokens:
                         self._running = _Running(job, worker.submit(self._verify, job))
                     elif job is not None:  # free (scored by the prefill), or too large to
                         result, seconds = self._verify(job)  # overlap: verify before the step

@@ -26,8 +26,8 @@ from .intervention import intervene
 from .sampling import SamplingParams, choose
 
 CHUNK_POSITIONS = 8
-"""The distributions of this many (row, position) pairs are formed at a time: the replay's
-memory is then two (B, T, V) logit tensors, not six."""
+"""The distributions of this many (row, position) pairs (or spikes) are formed at a time: the
+replay's memory is then two (B, T, V) logit tensors, not six, however many positions spike."""
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,17 @@ def replay(
     spiked = torch.stack(spikes, 1) & valid  # (B, T)
     alpha = torch.stack(alphas, 1)  # (B, T)
     chosen = draft.clone()
-    if bool(spiked.any()):
-        where = spiked.nonzero(as_tuple=True)
-        p_base = torch.softmax(base_logits[where], -1)  # (S, V) at the S spikes
+    spike_rows, spike_positions = spiked.nonzero(as_tuple=True)  # (S,) each
+    u = u.to(device)
+    for start in range(0, len(spike_rows), CHUNK_POSITIONS):
+        where = (
+            spike_rows[start : start + CHUNK_POSITIONS],
+            spike_positions[start : start + CHUNK_POSITIONS],
+        )
+        p_base = torch.softmax(base_logits[where], -1)  # (chunk, V)
         p_expert = torch.softmax(expert_logits[where], -1)
         mixed = intervene(p_base, p_expert, alpha[where], top_k)
-        picks = choose(mixed, u.to(device)[where], sampling.rows(where[0].cpu()))
-        chosen[where] = picks
+        chosen[where] = choose(mixed, u[where], sampling.rows(where[0].cpu()))
     intervened = spiked & (chosen != draft)
     # A row stops keeping tokens after its first intervention or its first EOS.
     ends = intervened | torch.isin(chosen, eos.to(device))

@@ -121,6 +121,7 @@ def test_every_schedule_gives_the_step_by_step_tokens(
 ):
     """Streams whose windows the delay bound cuts to one token, or that grow to the window;
     verifications beside the base's steps or between them: the tokens of ``window=1``."""
+    monkeypatch.setattr("ngsd_guard.decode.overlaps", lambda base, expert: True)
     monkeypatch.setattr("ngsd_guard.decode.OVERLAP_MAX_TOKENS", overlap)
     gate = GateConfig(threshold=0.8)
     step = guarded(tiny_base, tokenizer, tiny_expert, gate=gate, window=1)
@@ -452,3 +453,23 @@ def test_quiet_rows_verify_in_long_windows_until_they_escalate(
     active.generate(PROMPTS[0], max_new_tokens=12, alpha=0.5)
     assert jobs[0][1] == 1  # the first draft, scored by the prefill
     assert jobs[1][1] <= FIRST_ACTIVE_WINDOW
+
+
+def test_verifications_overlap_the_base_only_where_the_forwards_can_run_side_by_side():
+    """Both models on one CPU share its cores: their forwards run one after the other. On a
+    GPU, or with the expert on a device of its own, a verification runs beside the steps."""
+    from types import SimpleNamespace
+
+    from ngsd_guard.decode import overlaps
+
+    def runner(device: str) -> SimpleNamespace:
+        return SimpleNamespace(handle=SimpleNamespace(device=torch.device(device)))
+
+    def expert(device: str) -> SimpleNamespace:
+        return SimpleNamespace(runner=runner(device))
+
+    assert not overlaps(runner("cpu"), None)
+    assert not overlaps(runner("cpu"), expert("cpu"))
+    assert overlaps(runner("cpu"), expert("cuda:0"))
+    assert overlaps(runner("cuda:0"), expert("cuda:0"))
+    assert overlaps(runner("cuda:0"), expert("cuda:1"))

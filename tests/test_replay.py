@@ -1,0 +1,57 @@
+"""The gate's replay over a verified window (:func:`ngsd_guard.replay.replay`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ngsd_guard import GateConfig
+from ngsd_guard.alpha import AlphaSchedule, Assessment
+from ngsd_guard.config import DecodingConfig
+from ngsd_guard.divergence import total_variation
+from ngsd_guard.gate import make_gate
+from ngsd_guard.intervention import intervene
+from ngsd_guard.replay import replay
+from ngsd_guard.sampling import SamplingParams, choose
+
+
+def _window(chunk: int, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("ngsd_guard.replay.CHUNK_POSITIONS", chunk)
+    generator = torch.Generator().manual_seed(0)
+    rows, width, vocab = 3, 12, 50
+    base = torch.randn(rows, width, vocab, generator=generator) * 3
+    expert = torch.randn(rows, width, vocab, generator=generator) * 3
+    gate = make_gate(GateConfig(tau=2.0, threshold=0.05))  # fires at nearly every position
+    decodings = [DecodingConfig(temperature=t, seed=1) for t in (0.0, 0.8, 0.0)]
+    result = replay(
+        base_logits=base,
+        expert_logits=expert,
+        draft=base.argmax(-1),
+        valid=torch.ones(rows, width, dtype=torch.bool),
+        state=gate.initial_state(rows, torch.device("cpu")),
+        gate=gate,
+        divergence=total_variation,
+        schedule=AlphaSchedule.of([Assessment(alpha=a) for a in (0.7, 0.3, 1.0)]),
+        dissents=torch.zeros(rows),
+        u=torch.rand(rows, width, generator=generator),
+        sampling=SamplingParams.of(decodings),
+        top_k=8,
+        eos=torch.tensor([vocab + 1]),
+    )
+    return base, expert, decodings, result
+
+
+def test_spikes_are_chosen_chunk_by_chunk_as_all_at_once(monkeypatch):
+    """However many positions spike, forming their distributions a few at a time chooses
+    the tokens that one pass over all of them chooses: ``s = p_b + alpha (p_e - p_b)`` on
+    the top-k union, argmax or a seeded sample per row."""
+    base, expert, decodings, one = _window(1, monkeypatch)
+    _, _, _, every = _window(1000, monkeypatch)
+    assert int(one.spiked.sum()) > 8
+    for name in ("chosen", "spiked", "intervened", "kept", "divergence", "expert_token"):
+        assert torch.equal(getattr(one, name), getattr(every, name)), name
+    r, j = 0, int(one.spiked[0].nonzero()[0])  # a greedy row's first spike, by the formula
+    p_b, p_e = torch.softmax(base[r, j], -1), torch.softmax(expert[r, j], -1)
+    mixed = intervene(p_b[None], p_e[None], torch.tensor([0.7]), 8)
+    want = choose(mixed, torch.zeros(1), SamplingParams.of(decodings[:1]))
+    assert int(one.chosen[r, j]) == int(want)
