@@ -7,10 +7,12 @@ Every iteration, for all active rows at once:
    (a constrained row masks the logits with its matcher's ``allowed()`` and ``accept``\\ s it).
 2. *Verify* (when none is running and some row is due): the expert scores every row's oldest
    drafts in one forward, and the gate replays over them (:func:`ngsd_guard.replay.replay`).
-   Where the two forwards can run side by side (:func:`overlaps`: a GPU, or the expert on a
-   device of its own), a small verification runs on a worker thread while the base goes on
-   drafting; a large one (more than :data:`OVERLAP_MAX_TOKENS` tokens), or any one when
-   both models share the CPU's cores, runs between two steps. Once it is done, a row keeps
+   A small verification runs on a worker thread while the base goes on drafting, where the
+   two forwards can run side by side (:func:`overlaps`: a GPU, or the expert on a device of
+   its own) or where every row in it is quiet (alpha 0: its drafts cannot be cut, so the
+   steps beside it are never thrown away); a large one (more than
+   :data:`OVERLAP_MAX_TOKENS` tokens), or one of an active row on the CPU both models share,
+   runs between two steps. Once it is done, a row keeps
    its drafts up to the first one the gate replaces; the replaced token is kept, and every
    later draft leaves both caches (and the matcher rewinds them).
 3. *Step*: the base is fed each row's newest token, one forward for the batch.
@@ -74,10 +76,12 @@ the device, so it runs between two steps instead."""
 
 
 def overlaps(base: Runner, expert: Expert | None) -> bool:
-    """Whether the expert's verification may run beside the base's steps: not when both models
-    run on the same CPU, where the two forwards compete for the same cores (on 2 cores a
-    refusal streamed 22% slower with them side by side: ``ngsd-guard bench``'s lock-picking
-    prompt at 175 against 137 ms per token)."""
+    """Whether any small verification may run beside the base's steps: not when both models
+    run on the same CPU, where the two forwards compete for the same cores. There only a
+    quiet one does: beside an active row's verification, a step that the verification cuts
+    is thrown away (on 2 cores, ``ngsd-guard bench``'s lock-picking prompt, refused with 8
+    interventions in 13 tokens, took 175 ms per token with every verification beside the
+    steps, against 137 between them)."""
     if expert is None:
         return False
     return base.handle.device.type != "cpu" or expert.runner.handle.device != base.handle.device
@@ -147,7 +151,7 @@ class Decoder:
         self.divergence = DIVERGENCES[config.divergence]
         self.max_window = config.window if expert is not None else 1
         self.quiet_window = config.quiet_window if expert is not None else 1
-        self.overlap_tokens = OVERLAP_MAX_TOKENS if overlaps(base, expert) else 0
+        self.side_by_side = overlaps(base, expert)
         self.results: dict[int, RowResult] = {}
         self._timing = _Timing()
         self._lock = threading.Lock()
@@ -212,7 +216,7 @@ class Decoder:
                     yield from self._keep_drafts()
                 elif self._running is None:
                     job = self._next_verification()
-                    if job is not None and 0 < job.fed_tokens <= self.overlap_tokens:
+                    if job is not None and self._overlapped(job):
                         self._running = _Running(job, worker.submit(self._verify, job))
                     elif job is not None:  # free (scored by the prefill), or too large to
                         result, seconds = self._verify(job)  # overlap: verify before the step
@@ -224,6 +228,12 @@ class Decoder:
             if worker is not None:
                 worker.shutdown(wait=True)
         return self.results
+
+    def _overlapped(self, job: Verification) -> bool:
+        """Whether ``job`` runs beside the base's steps (see :func:`overlaps`)."""
+        if not 0 < job.fed_tokens <= OVERLAP_MAX_TOKENS:
+            return False
+        return self.side_by_side or all(row.quiet for row in job.verified_rows)
 
     def _stalled(self) -> bool:
         """True when no row can draft or be stepped before the running verification ends."""

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from ngsd_guard import GateConfig, GenerationRequest, GuardConfig, GuardedLM, InterventionConfig
 from ngsd_guard.alpha import Assessment
-from ngsd_guard.decode import FIRST_ACTIVE_WINDOW, Decoder
+from ngsd_guard.decode import FIRST_ACTIVE_WINDOW, OVERLAP_MAX_TOKENS, Decoder
 
 PROMPTS = ["Tell me a story about a dragon.", "Hi", "What is the capital of France, please?"]
 
@@ -455,9 +455,38 @@ def test_quiet_rows_verify_in_long_windows_until_they_escalate(
     assert jobs[1][1] <= FIRST_ACTIVE_WINDOW
 
 
+def test_on_one_cpu_only_quiet_rows_verify_beside_the_base(
+    tiny_base, tiny_expert, tokenizer, monkeypatch
+):
+    """Small verifications (the delay bound keeps them small) of a row at alpha 0 run on the
+    worker thread beside the base's steps; an active row's run on the loop's thread, between
+    steps. Both give the tokens of step-by-step decoding."""
+    threads = []  # the thread of each small verification that feeds the expert
+    verify = Decoder._verify
+
+    def spy(self, job):
+        if 0 < job.fed_tokens <= OVERLAP_MAX_TOKENS:
+            threads.append(threading.current_thread().name)
+        return verify(self, job)
+
+    monkeypatch.setattr(Decoder, "_verify", spy)
+    gate = GateConfig(threshold=0.8)
+    lm = guarded(tiny_base, tokenizer, tiny_expert, gate=gate, max_stream_delay=1e-6)
+    step = guarded(tiny_base, tokenizer, tiny_expert, gate=gate, window=1)
+    for alpha in (0.0, 0.7):
+        threads.clear()
+        got = list(lm.stream(PROMPTS[0], max_new_tokens=20, alpha=alpha))
+        assert [r.token_id for r in got] == step.generate(
+            PROMPTS[0], max_new_tokens=20, alpha=alpha
+        ).token_ids
+        assert len(threads) > 3
+        assert {name.startswith("ngsd-verify") for name in threads} == {alpha == 0.0}, threads
+
+
 def test_verifications_overlap_the_base_only_where_the_forwards_can_run_side_by_side():
-    """Both models on one CPU share its cores: their forwards run one after the other. On a
-    GPU, or with the expert on a device of its own, a verification runs beside the steps."""
+    """Both models on one CPU share its cores: their forwards run one after the other (but
+    for quiet rows'). On a GPU, or with the expert on a device of its own, any small
+    verification runs beside the steps."""
     from types import SimpleNamespace
 
     from ngsd_guard.decode import overlaps
