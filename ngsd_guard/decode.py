@@ -79,9 +79,9 @@ def overlaps(base: Runner, expert: Expert | None) -> bool:
     """Whether any small verification may run beside the base's steps: not when both models
     run on the same CPU, where the two forwards compete for the same cores. There only a
     quiet one does: beside an active row's verification, a step that the verification cuts
-    is thrown away (on 2 cores, ``ngsd-guard bench``'s lock-picking prompt, refused with 8
-    interventions in 13 tokens, took 175 ms per token with every verification beside the
-    steps, against 137 between them)."""
+    is thrown away, and it slows the verification down (on 2 cores, running an active row's
+    verifications between the steps brought ``ngsd-guard bench``'s 64-token ``time_ratio``,
+    whose one refusal holds 8 interventions in 13 tokens, from 1.18 to 1.10–1.15)."""
     if expert is None:
         return False
     return base.handle.device.type != "cpu" or expert.runner.handle.device != base.handle.device
@@ -218,8 +218,8 @@ class Decoder:
                     job = self._next_verification()
                     if job is not None and self._overlapped(job):
                         self._running = _Running(job, worker.submit(self._verify, job))
-                    elif job is not None:  # free (scored by the prefill), or too large to
-                        result, seconds = self._verify(job)  # overlap: verify before the step
+                    elif job is not None:  # free (scored by the prefill), too large, or an
+                        result, seconds = self._verify(job)  # active row's on a shared CPU
                         if job.fed_tokens:
                             self._timing.observe("verify", seconds)
                         yield from self._settle(job, result)

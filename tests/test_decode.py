@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from ngsd_guard import GateConfig, GenerationRequest, GuardConfig, GuardedLM, InterventionConfig
 from ngsd_guard.alpha import Assessment
-from ngsd_guard.decode import FIRST_ACTIVE_WINDOW, OVERLAP_MAX_TOKENS, Decoder
+from ngsd_guard.decode import FIRST_ACTIVE_WINDOW, OVERLAP_MAX_TOKENS, Decoder, overlaps
 
 PROMPTS = ["Tell me a story about a dragon.", "Hi", "What is the capital of France, please?"]
 
@@ -487,9 +488,6 @@ def test_verifications_overlap_the_base_only_where_the_forwards_can_run_side_by_
     """Both models on one CPU share its cores: their forwards run one after the other (but
     for quiet rows'). On a GPU, or with the expert on a device of its own, any small
     verification runs beside the steps."""
-    from types import SimpleNamespace
-
-    from ngsd_guard.decode import overlaps
 
     def runner(device: str) -> SimpleNamespace:
         return SimpleNamespace(handle=SimpleNamespace(device=torch.device(device)))
