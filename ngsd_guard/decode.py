@@ -487,17 +487,16 @@ class Decoder:
         the result and the seconds it took."""
         assert self._expert_side is not None
         started = time.perf_counter()
-        out = self._expert_side.feed(job.tokens, job.lengths) if job.fed else job.base_logits[:, :0]
-        expert_logits = job.expert_logits(out)
+        out = self._expert_side.feed_outputs(job.tokens, job.lengths) if job.fed else None
         result = replay(
-            base_logits=job.base_logits,
-            expert_logits=expert_logits,
+            base=job.base,
+            expert=job.expert_logits(out),
             draft=job.draft,
             valid=job.valid,
             state=self._state,
             gate=self.gate,
             divergence=self.divergence,
-            schedule=self._schedule.to(job.base_logits.device),
+            schedule=self._schedule.to(self._dissents.device),
             dissents=self._dissents,
             u=job.u,
             sampling=self._sampling,

@@ -12,6 +12,7 @@ device, sliced to the shared vocabulary. Three experts:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import threading
 from collections.abc import Sequence
@@ -36,6 +37,10 @@ SAFETY_PROMPT = (
 
 Message = dict[str, object]
 
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""Config fields of families whose logits are not the output layer's plain product with the
+final hidden state (Gemma's soft-capping, Cohere's and Granite's scaling)."""
+
 
 class ModelHandle:
     """One model in memory and the lock that its forwards hold.
@@ -48,10 +53,27 @@ class ModelHandle:
         self.model = model
         self.lock = threading.Lock()
         self.device = next(model.parameters()).device
-        inner = model.get_base_model() if is_peft(model) else model
-        parameters = inspect.signature(inner.forward).parameters
+        self.inner = model.get_base_model() if is_peft(model) else model
+        parameters = inspect.signature(self.inner.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.keeps_logits = "logits_to_keep" in parameters
+
+    @functools.cached_property
+    def head(self) -> torch.nn.Module | None:
+        """The output layer, when the model's logits are exactly ``head(h)`` with ``h`` its
+        decoder's final hidden state (checked once, on three tokens); None otherwise."""
+        head = self.inner.get_output_embeddings()
+        config = getattr(self.inner, "config", None)
+        if head is None or any(getattr(config, name, None) for name in LOGIT_POSTPROCESSING):
+            return None
+        ids = torch.arange(1, 4, device=self.device)[None]
+        with torch.no_grad(), self.lock:
+            whole = self.model(input_ids=ids, use_cache=False).logits
+            hidden = self.inner.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            formed = head(hidden)
+        if formed.shape != whole.shape or not torch.allclose(formed, whole, rtol=1e-3, atol=1e-3):
+            return None
+        return head
 
 
 def is_peft(model: torch.nn.Module) -> bool:
@@ -90,6 +112,27 @@ def without_adapters(peft_model: torch.nn.Module) -> torch.nn.Module:
         return clone
 
     return strip(peft_model.get_base_model())
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One forward's outputs at every fed position: final hidden states and the output layer
+    that maps them to logits, ``logits = head(h)``, formed a few positions at a time, or the
+    logits themselves (``head`` None: a family whose logits are not that product)."""
+
+    states: torch.Tensor  # (B, T, H) hidden states, or (B, T, V) fp32 logits when head is None
+    head: torch.nn.Module | None
+    vocab_size: int
+    out_device: torch.device
+
+    @torch.no_grad()
+    def logits(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, V) fp32 logits at the (n,) ``rows`` and ``positions``."""
+        device = self.states.device
+        states = self.states[rows.to(device), positions.to(device)]
+        if self.head is not None:
+            states = self.head(states)
+        return states[..., : self.vocab_size].to(self.out_device, torch.float32)
 
 
 @dataclass
@@ -146,6 +189,34 @@ class Runner:
         logits = out.logits[:, -keep:] if keep else out.logits
         logits = logits[..., : self.vocab_size].to(self.out_device, torch.float32)
         return logits, pooled
+
+    @torch.no_grad()
+    def outputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+    ) -> Outputs:
+        """(B, T) ids -> the outputs at every position, without forming the (B, T, V) logits
+        where the model's head allows (:attr:`ModelHandle.head`)."""
+        handle = self.handle
+        head = handle.head
+        if head is None:
+            logits, _ = self.forward(
+                input_ids, attention_mask, position_ids, cache, keep=input_ids.shape[1]
+            )
+            return Outputs(logits, None, self.vocab_size, self.out_device)
+        device = handle.device
+        with handle.lock:
+            out = handle.inner.get_decoder()(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=position_ids.to(device),
+                use_cache=True,
+                **{handle.cache_argument: cache},
+            )
+        return Outputs(out.last_hidden_state, head, self.vocab_size, self.out_device)
 
 
 @dataclass

@@ -16,6 +16,7 @@ last kept token. This is exactly step-by-step NGSD over the kept tokens (NGSD, S
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -26,8 +27,17 @@ from .intervention import intervene
 from .sampling import SamplingParams, choose
 
 CHUNK_POSITIONS = 8
-"""The distributions of this many (row, position) pairs (or spikes) are formed at a time: the
-replay's memory is then two (B, T, V) logit tensors, not six, however many positions spike."""
+"""The logits and distributions of this many (row, position) pairs (or spikes) are formed at a
+time: the replay never holds a (B, T, V) tensor, however wide the window or many its spikes."""
+
+
+class WindowLogits(Protocol):
+    """One model's (B, T, V) next-token logits over a window, formed a few positions at a time
+    (:class:`ngsd_guard.verify.DraftLogits`, :class:`ngsd_guard.verify.ExpertLogits`)."""
+
+    def at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, V) fp32 logits at the (n,) ``rows`` and ``positions``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -57,8 +67,8 @@ class WindowResult:
 @torch.no_grad()
 def replay(
     *,
-    base_logits: torch.Tensor,
-    expert_logits: torch.Tensor,
+    base: WindowLogits,
+    expert: WindowLogits,
     draft: torch.Tensor,
     valid: torch.Tensor,
     state: GateState,
@@ -74,21 +84,22 @@ def replay(
     """Run the gate over a window and decide which drafts survive.
 
     Args:
-        base_logits, expert_logits: (B, T, V) fp32 next-token logits at each window position
+        base, expert: each model's fp32 next-token logits at every valid window position
             (``-inf`` where a constraint forbids a token); ``p = softmax(logits)``.
         draft: (B, T) the base's drafted tokens. valid: (B, T) bool, False on padding (a
             row may have no valid position: it keeps nothing and its state).
         state: the gate state before the window, (B,) tensors.
-        schedule: each row's alpha and escalation. dissents: (B,) each row's dissents so far.
+        schedule: each row's alpha and escalation. dissents: (B,) each row's dissents so far,
+            on the gate's device, where the replay runs.
         u: (B, T) the uniforms of those token indices.
         sampling: each row's sampling settings. top_k: k of the candidate union.
         eos: (E,) the token ids that end a row.
     """
-    rows, width, vocab = base_logits.shape
-    device = base_logits.device
+    rows, width = draft.shape
+    device = dissents.device
     valid = valid.to(device)
     draft = draft.to(device)
-    d, expert_p, expert_token = _position_stats(base_logits, expert_logits, divergence)
+    d, expert_p, expert_token = _position_stats(base, expert, valid, divergence)
     confident = (expert_token != draft) & (expert_p >= schedule.dissent_confidence.unsqueeze(1))
     states, potentials, spikes, alphas, counts = [], [], [], [], []
     current, tally = state, dissents.to(device)
@@ -110,8 +121,8 @@ def replay(
             spike_rows[start : start + CHUNK_POSITIONS],
             spike_positions[start : start + CHUNK_POSITIONS],
         )
-        p_base = torch.softmax(base_logits[where], -1)  # (chunk, V)
-        p_expert = torch.softmax(expert_logits[where], -1)
+        p_base = torch.softmax(base.at(*where).to(device), -1)  # (chunk, V)
+        p_expert = torch.softmax(expert.at(*where).to(device), -1)
         mixed = intervene(p_base, p_expert, alpha[where], top_k)
         chosen[where] = choose(mixed, u[where], sampling.rows(where[0].cpu()))
     intervened = spiked & (chosen != draft)
@@ -144,21 +155,18 @@ def replay(
 
 
 def _position_stats(
-    base_logits: torch.Tensor, expert_logits: torch.Tensor, divergence: Divergence
+    base: WindowLogits, expert: WindowLogits, valid: torch.Tensor, divergence: Divergence
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, T) each: ``D(p_b, p_e)``, the expert's top probability and its token, with the
-    distributions formed :data:`CHUNK_POSITIONS` (row, position) pairs at a time."""
-    rows, width, vocab = base_logits.shape
-    flat_base = base_logits.reshape(-1, vocab)
-    flat_expert = expert_logits.reshape(-1, vocab)
-    d = flat_base.new_empty(rows * width)
-    expert_p = flat_base.new_empty(rows * width)
-    expert_token = torch.empty(rows * width, dtype=torch.long, device=base_logits.device)
-    for start in range(0, rows * width, CHUNK_POSITIONS):
-        part = slice(start, start + CHUNK_POSITIONS)
-        p_base = torch.softmax(flat_base[part], -1)
-        p_expert = torch.softmax(flat_expert[part], -1)
-        d[part] = divergence(p_base, p_expert)
-        expert_p[part], expert_token[part] = p_expert.max(-1)
-    shape = (rows, width)
-    return d.view(shape), expert_p.view(shape), expert_token.view(shape)
+    """(B, T) each: ``D(p_b, p_e)``, the expert's top probability and its token at every valid
+    position (0 elsewhere), the distributions formed :data:`CHUNK_POSITIONS` at a time."""
+    d = torch.zeros(valid.shape, device=valid.device)
+    expert_p = torch.zeros(valid.shape, device=valid.device)
+    expert_token = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
+    rows, positions = valid.nonzero(as_tuple=True)  # (n,) each
+    for start in range(0, len(rows), CHUNK_POSITIONS):
+        where = (rows[start : start + CHUNK_POSITIONS], positions[start : start + CHUNK_POSITIONS])
+        p_base = torch.softmax(base.at(*where).to(valid.device), -1)
+        p_expert = torch.softmax(expert.at(*where).to(valid.device), -1)
+        d[where] = divergence(p_base, p_expert).to(d.dtype)
+        expert_p[where], expert_token[where] = p_expert.max(-1)
+    return d, expert_p, expert_token

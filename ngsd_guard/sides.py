@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from .experts import Runner
+from .experts import Outputs, Runner
 from .features import PromptFeatures, first_divergence
 from .prefixes import Header
 
@@ -28,6 +29,76 @@ COMPACT_MIN_SLOTS = 32
 """Compact once this many slots (and at least :data:`COMPACT_MIN_SHARE` of the cache) are dead
 in the fullest row."""
 COMPACT_MIN_SHARE = 0.125
+ROOM_MIN_SLOTS = 64
+"""A grown cache layer has room for at least this many more slots (and an eighth of its
+length): :class:`GrowingLayer`."""
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer whose keys and values are prefixes of buffers with room to grow.
+
+    ``DynamicLayer.update`` concatenates, so every step copies the whole cache and frees the
+    old copy: O(length) per step, and a heap of freed blocks each a slot too small for the
+    next (glibc serves them from its heap once a larger block was freed). Here an update
+    writes the new states into the room after the prefix, in place, and a full layer moves
+    once into a buffer with ``max(ROOM_MIN_SLOTS, length / 8)`` more slots. Only buffers made
+    here are written in place: keys set from outside (a crop's prefix excepted) are copied
+    into a new buffer on the next update, so a shared header's states are never written.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        length, count = self.keys.shape[-2], key_states.shape[-2]
+        if not self._fits(length + count):
+            self._move(length, length + count + max(ROOM_MIN_SLOTS, length // 8))
+        assert self._room is not None
+        keys, values = self._room
+        keys[:, :, length : length + count] = key_states
+        values[:, :, length : length + count] = value_states
+        self.keys, self.values = keys[:, :, : length + count], values[:, :, : length + count]
+        return self.keys, self.values
+
+    def _fits(self, length: int) -> bool:
+        """True when keys and values are prefixes of this layer's buffers, ``length`` slots
+        long at least."""
+        if self._room is None:
+            return False
+        return all(
+            view.data_ptr() == room.data_ptr()
+            and view.shape[:2] == room.shape[:2]
+            and view.stride() == room.stride()
+            and length <= room.shape[2]
+            for view, room in zip((self.keys, self.values), self._room, strict=True)
+        )
+
+    def _move(self, length: int, slots: int) -> None:
+        """Copy the first ``length`` slots into new buffers ``slots`` long."""
+        rooms = []
+        for states in (self.keys, self.values):
+            rows, heads, _, dim = states.shape
+            room = states.new_empty((rows, heads, slots, dim))
+            room[:, :, :length] = states
+            rooms.append(room)
+        self._room = (rooms[0], rooms[1])
+
+
+def growing(cache: DynamicCache) -> DynamicCache:
+    """``cache`` with its plain dynamic layers made :class:`GrowingLayer` (the same states;
+    sliding-window and other layers stay as they are)."""
+    cache.layers = [
+        GrowingLayer(layer.keys, layer.values)
+        if type(layer) is DynamicLayer and layer.is_initialized
+        else layer
+        for layer in cache.layers
+    ]
+    return cache
 
 
 @dataclass(frozen=True)
@@ -50,7 +121,7 @@ class ModelSide:
         next_position: torch.Tensor,
     ) -> None:
         self.runner = runner
-        self.cache = cache
+        self.cache = growing(cache)
         self.mask = mask
         self.next_position = next_position
 
@@ -62,6 +133,20 @@ class ModelSide:
     def feed(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Feed (B, T) tokens, row ``r`` its first ``lengths[r]`` (all T when None): the logits
         after every fed position, (B, T, V) fp32 (those past a row's length are garbage)."""
+        positions = self._append(tokens, lengths)
+        logits, _ = self.runner.forward(
+            tokens, self.mask, positions, self.cache, keep=tokens.shape[1]
+        )
+        return logits
+
+    @torch.no_grad()
+    def feed_outputs(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> Outputs:
+        """As :meth:`feed`, but the outputs that form those logits a few positions at a time."""
+        positions = self._append(tokens, lengths)
+        return self.runner.outputs(tokens, self.mask, positions, self.cache)
+
+    def _append(self, tokens: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """Extend the live-slot mask and the next positions by a feed: its (B, T) positions."""
         rows, count = tokens.shape
         steps = torch.arange(count)
         live = (
@@ -71,9 +156,8 @@ class ModelSide:
         )
         positions = self.next_position.unsqueeze(-1) + steps
         self.mask = torch.cat([self.mask, live], -1)
-        logits, _ = self.runner.forward(tokens, self.mask, positions, self.cache, keep=count)
         self.next_position = self.next_position + live.sum(-1)
-        return logits
+        return positions
 
     def forget(self, row: int, count: int) -> None:
         """Hide the last ``count`` live tokens of ``row`` from every later query."""

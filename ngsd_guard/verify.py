@@ -4,8 +4,9 @@ A :class:`Verification` is a snapshot taken on the decode loop's thread: for eac
 the oldest ``m_r`` drafts, the base's logits there, and the tokens to feed the expert (the
 row's last kept token, unless the expert's prefill already scored the first draft, then all
 but the last verified draft). The expert forward and the replay may then run on a worker
-thread while the base keeps drafting; :class:`WindowTable` turns the replay's result into
-records on the loop's thread.
+thread while the base keeps drafting; both models' logits over the window are formed a few
+positions at a time (:class:`DraftLogits`, :class:`ExpertLogits`), never as (B, M, V)
+tensors; :class:`WindowTable` turns the replay's result into records on the loop's thread.
 """
 
 from __future__ import annotations
@@ -14,9 +15,57 @@ from dataclasses import dataclass
 
 import torch
 
+from .experts import Outputs
 from .records import FinishReason, StepRecord
 from .replay import WindowResult
 from .rows import Row
+
+
+@dataclass(frozen=True)
+class DraftLogits:
+    """The base's logits at each verified draft, (V,) per row and position (masked where a
+    constraint applies), stacked a few positions at a time."""
+
+    logits: list[list[torch.Tensor]]  # [r][j] for j < m_r
+
+    def at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, V) fp32 logits at the (n,) ``rows`` and ``positions``."""
+        pairs = zip(rows.tolist(), positions.tolist(), strict=True)
+        return torch.stack([self.logits[r][j] for r, j in pairs])
+
+
+@dataclass(frozen=True)
+class ExpertLogits:
+    """The expert's logits at each verified draft, formed from its forward's outputs a few
+    positions at a time: position ``j`` of row ``r`` is fed position ``j - 1`` when the prefill
+    scored the row's first draft (``first[r]``, position 0 itself), else fed position ``j``;
+    masked like the base's."""
+
+    outputs: Outputs | None  # None: the prefill scored every verified draft
+    first: list[torch.Tensor | None]  # (V,) the expert's prefill logits, per row
+    allowed: list[list[torch.Tensor | None]] | None  # [r][j] (V,) bool; None: unconstrained
+
+    def at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, V) fp32 logits at the (n,) ``rows`` and ``positions``."""
+        pairs = list(zip(rows.tolist(), positions.tolist(), strict=True))
+        shift = [int(self.first[r] is not None) for r, _ in pairs]
+        fed = [i for i, ((_, j), s) in enumerate(zip(pairs, shift, strict=True)) if j >= s]
+        formed: list[torch.Tensor | None] = [self.first[r] for r, _ in pairs]
+        if fed:
+            assert self.outputs is not None
+            logits = self.outputs.logits(
+                torch.tensor([pairs[i][0] for i in fed]),
+                torch.tensor([pairs[i][1] - shift[i] for i in fed]),
+            )
+            for k, i in enumerate(fed):
+                formed[i] = logits[k]
+        stacked = torch.stack(formed)  # type: ignore[arg-type]
+        if self.allowed is not None:
+            for i, (r, j) in enumerate(pairs):
+                mask = self.allowed[r][j]
+                if mask is not None:
+                    stacked[i].masked_fill_(~mask.to(stacked.device), float("-inf"))
+        return stacked
 
 
 @dataclass(frozen=True)
@@ -27,9 +76,10 @@ class Verification:
     counts: list[int]  # m_r: how many of each row's oldest drafts are verified (may be 0)
     tokens: torch.Tensor  # (B, F) long: fed to the expert, row r its first lengths[r]
     lengths: torch.Tensor  # (B,) long
-    base_logits: torch.Tensor  # (B, M, V) fp32, masked where a constraint applies
+    base: DraftLogits
     expert_first: list[torch.Tensor | None]  # (V,) the expert's prefill logits, per row
-    masks: torch.Tensor | None  # (B, M, V) bool: the constraints' masks (None: none)
+    allowed: list[list[torch.Tensor | None]] | None  # [r][j] the constraints' masks (None:
+    # no row is constrained)
     draft: torch.Tensor  # (B, M) long
     valid: torch.Tensor  # (B, M) bool: False past m_r
     u: torch.Tensor  # (B, M) fp32: the uniforms of those token indices
@@ -49,36 +99,26 @@ class Verification:
         tokens = torch.full((len(rows), fed), pad_id, dtype=torch.long)
         for r, chunk in enumerate(chunks):
             tokens[r, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-        first = rows[0].next_logits
-        base_logits = first.new_zeros((len(rows), width, first.shape[-1]))
+        drafts = [row.pending[:m] for row, m in zip(rows, counts, strict=True)]
         draft = torch.full((len(rows), width), pad_id, dtype=torch.long)
         valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        constrained = any(d.allowed is not None for row in rows for d in row.pending)
-        masks = torch.ones(base_logits.shape, dtype=torch.bool) if constrained else None
-        index = torch.zeros((len(rows), width), dtype=torch.long)
         u = torch.zeros((len(rows), width))
         for r, (row, m) in enumerate(zip(rows, counts, strict=True)):
             if m == 0:
                 continue
-            drafts = row.pending[:m]
-            for j, d in enumerate(drafts):
-                base_logits[r, j] = d.take_logits()
-            draft[r, :m] = torch.tensor([d.token for d in drafts])
+            draft[r, :m] = torch.tensor([d.token for d in drafts[r]])
             valid[r, :m] = True
-            index[r] = (len(row.tokens) + torch.arange(width)).clamp_max(len(row.u) - 1)
-            u[r] = row.u[index[r]]
-            if masks is not None:
-                for j, d in enumerate(drafts):
-                    if d.allowed is not None:
-                        masks[r, j] = d.allowed
+            index = (len(row.tokens) + torch.arange(width)).clamp_max(len(row.u) - 1)
+            u[r] = row.u[index]
+        constrained = any(d.allowed is not None for row in drafts for d in row)
         return cls(
             rows=rows,
             counts=counts,
             tokens=tokens,
             lengths=torch.tensor([len(c) for c in chunks]),
-            base_logits=base_logits,
+            base=DraftLogits([[d.take_logits() for d in row] for row in drafts]),
             expert_first=[row.expert_logits for row in rows],
-            masks=masks,
+            allowed=[[d.allowed for d in row] for row in drafts] if constrained else None,
             draft=draft,
             valid=valid,
             u=u,
@@ -99,28 +139,10 @@ class Verification:
         """The tokens the expert is fed, all rows together."""
         return int(self.lengths.sum())
 
-    def expert_logits(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, M, V) the expert's logits at each verified draft, from its forward's output
-        (B, F, V) and the prefill's scores of first drafts; masked like the base's (positions
-        past a row's count are arbitrary: the replay ignores them)."""
-        width = self.base_logits.shape[1]
-        if all(first is None for first in self.expert_first) and out.shape[1] >= width:
-            logits = out[:, :width]  # no copy: the common case, every draft fed
-            if self.masks is not None:
-                logits = logits.masked_fill(~self.masks.to(logits.device), float("-inf"))
-            return logits
-        logits = torch.zeros_like(self.base_logits)
-        for r, (m, first) in enumerate(zip(self.counts, self.expert_first, strict=True)):
-            if m == 0:
-                continue
-            if first is not None:
-                logits[r, 0] = first
-                logits[r, 1:m] = out[r, : m - 1]
-            else:
-                logits[r, :m] = out[r, :m]
-        if self.masks is not None:
-            logits = logits.masked_fill(~self.masks.to(logits.device), float("-inf"))
-        return logits
+    def expert_logits(self, outputs: Outputs | None) -> ExpertLogits:
+        """The expert's logits at each verified draft, from its forward's ``outputs`` over
+        :attr:`tokens` (None when nothing was fed) and the prefill's scores of first drafts."""
+        return ExpertLogits(outputs, self.expert_first, self.allowed)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,16 @@ from ngsd_guard.replay import replay
 from ngsd_guard.sampling import SamplingParams, choose
 
 
+class Dense:
+    """(B, T, V) logits held whole."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+    def at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.logits[rows, positions]
+
+
 def _window(chunk: int, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr("ngsd_guard.replay.CHUNK_POSITIONS", chunk)
     generator = torch.Generator().manual_seed(0)
@@ -24,8 +34,8 @@ def _window(chunk: int, monkeypatch: pytest.MonkeyPatch):
     gate = make_gate(GateConfig(tau=2.0, threshold=0.05))  # fires at nearly every position
     decodings = [DecodingConfig(temperature=t, seed=1) for t in (0.0, 0.8, 0.0)]
     result = replay(
-        base_logits=base,
-        expert_logits=expert,
+        base=Dense(base),
+        expert=Dense(expert),
         draft=base.argmax(-1),
         valid=torch.ones(rows, width, dtype=torch.bool),
         state=gate.initial_state(rows, torch.device("cpu")),

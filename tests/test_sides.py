@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
+import pytest
 import torch
+from transformers import CohereConfig, CohereForCausalLM, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
 
 from ngsd_guard.experts import ModelHandle, Runner
-from ngsd_guard.sides import prefill
+from ngsd_guard.sides import ROOM_MIN_SLOTS, GrowingLayer, prefill
 
 
 def _runner(model) -> Runner:
@@ -63,3 +68,90 @@ def test_a_prefill_over_headers_gives_the_logits_and_features_of_whole_prompts(t
     logits = split.side.feed(torch.tensor([[40], [41], [42]]))[:, -1]
     for row, (prompt, token) in enumerate(zip(prompts, (40, 41, 42), strict=True)):
         assert torch.allclose(logits[row], _full(tiny_base, [*prompt, token]), atol=1e-4)
+
+
+def test_a_verification_forms_the_logits_that_a_whole_forward_gives(tiny_base):
+    """A Llama's logits are its output layer over the final hidden state, so a verification
+    keeps the (B, T, H) states and forms (n, V) logits on demand: they equal the forward's,
+    and the cache advances alike."""
+    runner = _runner(tiny_base)
+    assert runner.handle.head is tiny_base.lm_head
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    whole, formed = (prefill(runner, prompts, pad_id=2).side for _ in range(2))
+    tokens, lengths = torch.tensor([[20, 21, 22], [30, 2, 2]]), torch.tensor([3, 1])
+    logits = whole.feed(tokens, lengths)
+    outputs = formed.feed_outputs(tokens, lengths)
+    assert outputs.states.shape == (2, 3, tiny_base.config.hidden_size)
+    rows, positions = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, 0])
+    assert torch.allclose(outputs.logits(rows, positions), logits[rows, positions], atol=1e-5)
+    step = torch.tensor([[40], [41]])
+    assert torch.allclose(whole.feed(step), formed.feed(step), atol=1e-5)
+
+
+class _ScaledLlama(LlamaForCausalLM):
+    """A family that scales its logits after the output layer, without a config field."""
+
+    @functools.wraps(LlamaForCausalLM.forward)
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def _cohere() -> CohereForCausalLM:
+    torch.manual_seed(0)
+    config = CohereConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        logit_scale=0.0625,
+    )
+    return CohereForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["cohere", "scaled"])
+def test_logits_that_are_not_the_output_layers_product_are_kept_whole(tiny_base, family):
+    """Cohere scales its logits (a config field); another family may do so in its forward
+    (found by the check on three tokens). Their verifications keep the forward's logits."""
+    if family == "cohere":
+        model = _cohere()
+    else:
+        model = _ScaledLlama(tiny_base.config).eval()
+        model.load_state_dict(tiny_base.state_dict())
+    runner = _runner(model)
+    assert runner.handle.head is None
+    side = prefill(runner, [[5, 6, 7]], pad_id=2).side
+    outputs = side.feed_outputs(torch.tensor([[20, 21]]))
+    rows, positions = torch.tensor([0, 0]), torch.tensor([0, 1])
+    assert torch.allclose(
+        outputs.logits(rows, positions)[1], _full(model, [5, 6, 7, 20, 21]), atol=1e-4
+    )
+
+
+def test_a_growing_layer_writes_in_place_and_never_into_states_it_was_given(tiny_base):
+    """Updates equal ``DynamicLayer``'s concatenations, crops included; the layer moves to a
+    larger buffer only when its room is used up, and the states it started from (a cached
+    header's, shared between calls) are never written."""
+    assert all(
+        isinstance(layer, GrowingLayer)
+        for layer in prefill(_runner(tiny_base), [[5, 6, 7]], pad_id=2).side.cache.layers
+    )
+    generator = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(2, 3, 5, 4, generator=generator) for _ in range(2))
+    given = keys.clone(), values.clone()
+    layer, reference = GrowingLayer(keys, values), DynamicLayer()
+    reference.update(keys, values)
+    buffers = set()
+    for step in range(ROOM_MIN_SLOTS + 6):
+        if step == 20:
+            layer.crop(-3)
+            reference.crop(-3)
+        new = [torch.randn(2, 3, 1 + step % 2, 4, generator=generator) for _ in range(2)]
+        got, want = layer.update(*new), reference.update(*new)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        buffers.add(layer.keys.data_ptr())
+    assert len(buffers) == 2  # the first update's move, then one when the room ran out
+    assert torch.equal(keys, given[0]) and torch.equal(values, given[1])
