@@ -26,9 +26,13 @@ from .gate import Gate, GateState
 from .intervention import intervene
 from .sampling import SamplingParams, choose
 
+BLOCK_PAIRS = 32
+"""The replay forms both models' logits for about this many (row, position) pairs at a time,
+in blocks of window positions (all rows), and chooses the block's spikes from them: it never
+holds a (B, T, V) tensor, however wide the window or large the batch, and the expert's output
+layer is applied in blocks wide enough to amortise reading its weights."""
 CHUNK_POSITIONS = 8
-"""The logits and distributions of this many (row, position) pairs (or spikes) are formed at a
-time: the replay never holds a (B, T, V) tensor, however wide the window or many its spikes."""
+"""Within a block, the distributions of this many pairs (or spikes) are formed at a time."""
 
 
 class WindowLogits(Protocol):
@@ -97,34 +101,47 @@ def replay(
     """
     rows, width = draft.shape
     device = dissents.device
-    valid = valid.to(device)
-    draft = draft.to(device)
-    d, expert_p, expert_token = _position_stats(base, expert, valid, divergence)
-    confident = (expert_token != draft) & (expert_p >= schedule.dissent_confidence.unsqueeze(1))
+    valid, draft, u = valid.to(device), draft.to(device), u.to(device)
+    d = torch.zeros((rows, width), device=device)
+    expert_p = torch.zeros((rows, width), device=device)
+    expert_token = torch.zeros((rows, width), dtype=torch.long, device=device)
+    chosen = draft.clone()
+    threshold = schedule.dissent_confidence.unsqueeze(1)  # (B, 1)
     states, potentials, spikes, alphas, counts = [], [], [], [], []
     current, tally = state, dissents.to(device)
-    for i in range(width):
-        current, potential, spiked = gate.step(current, d[:, i])
-        tally = tally + (spiked & confident[:, i] & valid[:, i]).float()
-        alphas.append(schedule.at(tally))
-        states.append(current)
-        potentials.append(potential)
-        spikes.append(spiked)
-        counts.append(tally)
-    spiked = torch.stack(spikes, 1) & valid  # (B, T)
-    alpha = torch.stack(alphas, 1)  # (B, T)
-    chosen = draft.clone()
-    spike_rows, spike_positions = spiked.nonzero(as_tuple=True)  # (S,) each
-    u = u.to(device)
-    for start in range(0, len(spike_rows), CHUNK_POSITIONS):
-        where = (
-            spike_rows[start : start + CHUNK_POSITIONS],
-            spike_positions[start : start + CHUNK_POSITIONS],
+    span = max(1, BLOCK_PAIRS // max(rows, 1))  # window positions per block
+    for begin in range(0, width, span):
+        block = slice(begin, min(begin + span, width))
+        pairs = valid[:, block].nonzero(as_tuple=True)  # (n,) each: rows, block positions
+        where = (pairs[0], pairs[1] + begin)
+        base_logits, expert_logits = base.at(*where), expert.at(*where)  # (n, V) each
+        d[where], expert_p[where], expert_token[where] = _stats(
+            base_logits, expert_logits, divergence, device
         )
-        p_base = torch.softmax(base.at(*where).to(device), -1)  # (chunk, V)
-        p_expert = torch.softmax(expert.at(*where).to(device), -1)
-        mixed = intervene(p_base, p_expert, alpha[where], top_k)
-        chosen[where] = choose(mixed, u[where], sampling.rows(where[0].cpu()))
+        confident = (expert_token[:, block] != draft[:, block]) & (expert_p[:, block] >= threshold)
+        for i in range(block.start, block.stop):
+            current, potential, spiked = gate.step(current, d[:, i])
+            spiked = spiked & valid[:, i]
+            tally = tally + (spiked & confident[:, i - begin]).float()
+            alphas.append(schedule.at(tally))
+            states.append(current)
+            potentials.append(potential)
+            spikes.append(spiked)
+            counts.append(tally)
+        # the block's spikes, as indices into its pairs, choose from the logits formed above
+        hits = torch.stack(spikes[block], 1)[pairs].nonzero().flatten()  # (S,)
+        block_alpha = torch.stack(alphas[block], 1)[pairs]  # (n,)
+        for start in range(0, len(hits), CHUNK_POSITIONS):
+            k = hits[start : start + CHUNK_POSITIONS]
+            on = k.to(base_logits.device)
+            p_base = torch.softmax(base_logits[on].to(device), -1)  # (chunk, V)
+            p_expert = torch.softmax(expert_logits[on].to(device), -1)
+            mixed = intervene(p_base, p_expert, block_alpha[k], top_k)
+            r, j = where[0][k], where[1][k]
+            chosen[r, j] = choose(mixed, u[r, j], sampling.rows(r.cpu()))
+        del base_logits, expert_logits
+    spiked = torch.stack(spikes, 1)  # (B, T)
+    alpha = torch.stack(alphas, 1)  # (B, T)
     intervened = spiked & (chosen != draft)
     # A row stops keeping tokens after its first intervention or its first EOS.
     ends = intervened | torch.isin(chosen, eos.to(device))
@@ -148,25 +165,28 @@ def replay(
         divergence=d.float().cpu(),
         alpha=alpha.float().cpu(),
         expert_token=expert_token.cpu(),
-        dissent=(spiked & confident).cpu(),
+        dissent=(spiked & (expert_token != draft) & (expert_p >= threshold)).cpu(),
         state=new_state,
         dissents=torch.where(count > 0, kept_dissents, dissents.to(device)),
     )
 
 
-def _position_stats(
-    base: WindowLogits, expert: WindowLogits, valid: torch.Tensor, divergence: Divergence
+def _stats(
+    base_logits: torch.Tensor,
+    expert_logits: torch.Tensor,
+    divergence: Divergence,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, T) each: ``D(p_b, p_e)``, the expert's top probability and its token at every valid
-    position (0 elsewhere), the distributions formed :data:`CHUNK_POSITIONS` at a time."""
-    d = torch.zeros(valid.shape, device=valid.device)
-    expert_p = torch.zeros(valid.shape, device=valid.device)
-    expert_token = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
-    rows, positions = valid.nonzero(as_tuple=True)  # (n,) each
-    for start in range(0, len(rows), CHUNK_POSITIONS):
-        where = (rows[start : start + CHUNK_POSITIONS], positions[start : start + CHUNK_POSITIONS])
-        p_base = torch.softmax(base.at(*where).to(valid.device), -1)
-        p_expert = torch.softmax(expert.at(*where).to(valid.device), -1)
-        d[where] = divergence(p_base, p_expert).to(d.dtype)
-        expert_p[where], expert_token[where] = p_expert.max(-1)
+    """(n,) each: ``D(p_b, p_e)``, the expert's top probability and its token, from (n, V)
+    logits, the distributions formed :data:`CHUNK_POSITIONS` rows at a time."""
+    n = base_logits.shape[0]
+    d = torch.empty(n, device=device)
+    expert_p = torch.empty(n, device=device)
+    expert_token = torch.empty(n, dtype=torch.long, device=device)
+    for start in range(0, n, CHUNK_POSITIONS):
+        part = slice(start, start + CHUNK_POSITIONS)
+        p_base = torch.softmax(base_logits[part].to(device), -1)
+        p_expert = torch.softmax(expert_logits[part].to(device), -1)
+        d[part] = divergence(p_base, p_expert).to(d.dtype)
+        expert_p[part], expert_token[part] = p_expert.max(-1)
     return d, expert_p, expert_token

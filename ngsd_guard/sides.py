@@ -30,8 +30,8 @@ COMPACT_MIN_SLOTS = 32
 in the fullest row."""
 COMPACT_MIN_SHARE = 0.125
 ROOM_MIN_SLOTS = 64
-"""A grown cache layer has room for at least this many more slots (and an eighth of its
-length): :class:`GrowingLayer`."""
+"""A grown cache layer has room for at least this many more slots over all its rows (and a
+sixteenth of its length): :class:`GrowingLayer`."""
 
 
 class GrowingLayer(DynamicLayer):
@@ -41,9 +41,10 @@ class GrowingLayer(DynamicLayer):
     old copy: O(length) per step, and a heap of freed blocks each a slot too small for the
     next (glibc serves them from its heap once a larger block was freed). Here an update
     writes the new states into the room after the prefix, in place, and a full layer moves
-    once into a buffer with ``max(ROOM_MIN_SLOTS, length / 8)`` more slots. Only buffers made
-    here are written in place: keys set from outside (a crop's prefix excepted) are copied
-    into a new buffer on the next update, so a shared header's states are never written.
+    once into a buffer with ``max(ROOM_MIN_SLOTS / rows, length / 16)`` more slots. Only
+    buffers made here are written in place: keys set from outside (a crop's prefix excepted)
+    are copied into a new buffer on the next update, so a shared header's states are never
+    written.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -57,7 +58,8 @@ class GrowingLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         length, count = self.keys.shape[-2], key_states.shape[-2]
         if not self._fits(length + count):
-            self._move(length, length + count + max(ROOM_MIN_SLOTS, length // 8))
+            room = max(ROOM_MIN_SLOTS // key_states.shape[0], length // 16, 1)
+            self._move(length, length + count + room)
         assert self._room is not None
         keys, values = self._room
         keys[:, :, length : length + count] = key_states

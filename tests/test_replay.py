@@ -27,6 +27,7 @@ class Dense:
 
 def _window(chunk: int, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr("ngsd_guard.replay.CHUNK_POSITIONS", chunk)
+    monkeypatch.setattr("ngsd_guard.replay.BLOCK_PAIRS", chunk)
     generator = torch.Generator().manual_seed(0)
     rows, width, vocab = 3, 12, 50
     base = torch.randn(rows, width, vocab, generator=generator) * 3
@@ -51,10 +52,11 @@ def _window(chunk: int, monkeypatch: pytest.MonkeyPatch):
     return base, expert, decodings, result
 
 
-def test_spikes_are_chosen_chunk_by_chunk_as_all_at_once(monkeypatch):
-    """However many positions spike, forming their distributions a few at a time chooses
-    the tokens that one pass over all of them chooses: ``s = p_b + alpha (p_e - p_b)`` on
-    the top-k union, argmax or a seeded sample per row."""
+def test_spikes_are_chosen_block_by_block_as_all_at_once(monkeypatch):
+    """However many positions spike, forming the logits one window position at a time and
+    their distributions one pair at a time chooses the tokens that one pass over the whole
+    window chooses: ``s = p_b + alpha (p_e - p_b)`` on the top-k union, argmax or a seeded
+    sample per row."""
     base, expert, decodings, one = _window(1, monkeypatch)
     _, _, _, every = _window(1000, monkeypatch)
     assert int(one.spiked.sum()) > 8

@@ -140,7 +140,7 @@ def test_a_growing_layer_writes_in_place_and_never_into_states_it_was_given(tiny
         for layer in prefill(_runner(tiny_base), [[5, 6, 7]], pad_id=2).side.cache.layers
     )
     generator = torch.Generator().manual_seed(0)
-    keys, values = (torch.randn(2, 3, 5, 4, generator=generator) for _ in range(2))
+    keys, values = (torch.randn(1, 3, 5, 4, generator=generator) for _ in range(2))
     given = keys.clone(), values.clone()
     layer, reference = GrowingLayer(keys, values), DynamicLayer()
     reference.update(keys, values)
@@ -149,7 +149,7 @@ def test_a_growing_layer_writes_in_place_and_never_into_states_it_was_given(tiny
         if step == 20:
             layer.crop(-3)
             reference.crop(-3)
-        new = [torch.randn(2, 3, 1 + step % 2, 4, generator=generator) for _ in range(2)]
+        new = [torch.randn(1, 3, 1 + step % 2, 4, generator=generator) for _ in range(2)]
         got, want = layer.update(*new), reference.update(*new)
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
         buffers.add(layer.keys.data_ptr())
