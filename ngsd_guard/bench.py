@@ -16,7 +16,8 @@ when it is high, since every spike may then replace a token and cut a window).
   warm-up (Linux ``clear_refs``), since torch's CPU allocator keeps no statistics:
   ``memory_ratio``;
 * **batched throughput** at batch 8 on benign prompts (``generate`` with left padding against
-  ``generate_batch``): ``throughput_ratio = guarded tokens/s / base tokens/s``;
+  ``generate_batch``): ``throughput_ratio = guarded tokens/s / base tokens/s``, and the peak
+  memory of decoding that batch, measured as at each length: ``memory_ratio``;
 * **the reference NGSD decoding style** (both models over the whole prefix at every step,
   batch 1, no cache, as the paper's code does) at 256 tokens, both at the alpha the policy
   reads for the prompt: ``speedup`` of the engine;
@@ -416,17 +417,19 @@ def _peak_mb(
     adapter: Path | None,
     max_new_tokens: int,
     args: argparse.Namespace,
+    batch: int = 0,
 ) -> float:
-    """Peak memory of one side decoding the prompts of one length, weights included."""
+    """Peak memory of one side decoding the prompts of one length (or the first ``batch``
+    batch prompts, as one batch), weights included."""
     device = resolve_device(args.device)
     if device.type == "cuda":
         lm = _load(kind, base, adapter if side == "guarded" else None, args)
-        _probe(lm, side, 8)
+        _probe(lm, side, 8, batch)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        _probe(lm, side, max_new_tokens)
+        _probe(lm, side, max_new_tokens, batch)
         return torch.cuda.max_memory_allocated(device) / 2**20
-    options = {**vars(args), "probe_tokens": max_new_tokens}
+    options = {**vars(args), "probe_tokens": max_new_tokens, "probe_batch": batch}
     command = [
         sys.executable,
         "-m",
@@ -441,7 +444,28 @@ def _peak_mb(
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _probe(lm: GuardedLM, side: str, max_new_tokens: int) -> None:
+def _batch_memory(
+    kind: str, base: Path, adapter: Path | None, args: argparse.Namespace
+) -> dict[str, float]:
+    """Peak memory of each side decoding the batch, as at each length."""
+    size, tokens = args.batch_size, args.batch_tokens
+    base_mb = _peak_mb("base", kind, base, adapter, tokens, args, batch=size)
+    guarded_mb = _peak_mb("guarded", kind, base, adapter, tokens, args, batch=size)
+    return {
+        "base_peak_mb": base_mb,
+        "guarded_peak_mb": guarded_mb,
+        "memory_ratio": guarded_mb / base_mb,
+    }
+
+
+def _probe(lm: GuardedLM, side: str, max_new_tokens: int, batch: int = 0) -> None:
+    if batch:
+        prompts = list(BATCH_PROMPTS[:batch])
+        if side == "base":
+            _base_generate(lm, prompts, max_new_tokens)
+        else:
+            lm.generate_batch(prompts, max_new_tokens=max_new_tokens)
+        return
     for prompt in _prompts(max_new_tokens):
         if side == "base":
             _base_generate(lm, [prompt], max_new_tokens)
@@ -480,7 +504,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "agent": lambda lm=lm: measure_agent(lm, args),
             }
             if args.batch_size:
-                measurements["batch"] = lambda lm=lm: measure_batch(lm, args)
+                measurements["batch"] = lambda lm=lm, kind=kind, adapter=adapter: {
+                    **measure_batch(lm, args),
+                    **_batch_memory(kind, base, adapter, args),
+                }
             if args.reference_tokens:
                 measurements["reference"] = lambda lm=lm: measure_reference(lm, args)
             if args.delays:
@@ -505,9 +532,9 @@ def _probe_main(argv: list[str]) -> None:
     args = argparse.Namespace(**json.loads(options))
     path = Path(adapter) if adapter and side == "guarded" else None
     lm = _load(kind, Path(base), path, args)
-    _probe(lm, side, 8)
+    _probe(lm, side, 8, args.probe_batch)
     _reset_peak_rss()
-    _probe(lm, side, args.probe_tokens)
+    _probe(lm, side, args.probe_tokens, args.probe_batch)
     print(_peak_rss_mb())
 
 

@@ -40,7 +40,8 @@ def test_bench_reports_every_ratio_against_the_base(tokenizer, tmp_path, capsys)
     (length,) = report["lengths"]
     assert length["max_new_tokens"] == 8 and length["time_ratio"] > 0
     assert length["base_peak_mb"] > 0 and length["memory_ratio"] > 0
-    assert report["batch"]["throughput_ratio"] > 0
+    batch = report["batch"]
+    assert batch["throughput_ratio"] > 0 and batch["base_peak_mb"] > 0 and batch["memory_ratio"] > 0
     agent = report["agent"]
     assert agent["prompt_tokens"] > 300  # a system prompt and tool schemas
     assert agent["ttft_ratio"] > 0 and agent["uncached_ttft_ratio"] > 0
