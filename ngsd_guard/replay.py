@@ -26,11 +26,14 @@ from .gate import Gate, GateState
 from .intervention import intervene
 from .sampling import SamplingParams, choose
 
-BLOCK_PAIRS = 32
-"""The replay forms both models' logits for about this many (row, position) pairs at a time,
+BLOCK_PAIRS = 64
+"""The replay forms both models' logits for at most this many (row, position) pairs at a time,
 in blocks of window positions (all rows), and chooses the block's spikes from them: it never
 holds a (B, T, V) tensor, however wide the window or large the batch, and the expert's output
-layer is applied in blocks wide enough to amortise reading its weights."""
+layer is applied to blocks wide enough to amortise reading its weights."""
+BLOCK_POSITIONS = 32
+"""At most this many window positions per block: a single row's 64-token window takes two
+blocks, half the memory, for one more read of the output layer's weights per window."""
 CHUNK_POSITIONS = 8
 """Within a block, the distributions of this many pairs (or spikes) are formed at a time."""
 
@@ -109,7 +112,7 @@ def replay(
     threshold = schedule.dissent_confidence.unsqueeze(1)  # (B, 1)
     states, potentials, spikes, alphas, counts = [], [], [], [], []
     current, tally = state, dissents.to(device)
-    span = max(1, BLOCK_PAIRS // max(rows, 1))  # window positions per block
+    span = max(1, min(BLOCK_POSITIONS, BLOCK_PAIRS // max(rows, 1)))  # positions per block
     for begin in range(0, width, span):
         block = slice(begin, min(begin + span, width))
         pairs = valid[:, block].nonzero(as_tuple=True)  # (n,) each: rows, block positions

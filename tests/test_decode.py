@@ -476,11 +476,12 @@ def test_on_one_cpu_only_quiet_rows_verify_beside_the_base(
     step = guarded(tiny_base, tokenizer, tiny_expert, gate=gate, window=1)
     for alpha in (0.0, 0.7):
         threads.clear()
-        got = list(lm.stream(PROMPTS[0], max_new_tokens=20, alpha=alpha))
+        got = list(lm.stream(PROMPTS[0], max_new_tokens=32, alpha=alpha))
         assert [r.token_id for r in got] == step.generate(
-            PROMPTS[0], max_new_tokens=20, alpha=alpha
+            PROMPTS[0], max_new_tokens=32, alpha=alpha
         ).token_ids
-        assert len(threads) > 3
+        # how many depends on timing: the base drafts on while a verification runs
+        assert len(threads) >= 2, threads
         assert {name.startswith("ngsd-verify") for name in threads} == {alpha == 0.0}, threads
 
 

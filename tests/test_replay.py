@@ -28,6 +28,7 @@ class Dense:
 def _window(chunk: int, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr("ngsd_guard.replay.CHUNK_POSITIONS", chunk)
     monkeypatch.setattr("ngsd_guard.replay.BLOCK_PAIRS", chunk)
+    monkeypatch.setattr("ngsd_guard.replay.BLOCK_POSITIONS", chunk)
     generator = torch.Generator().manual_seed(0)
     rows, width, vocab = 3, 12, 50
     base = torch.randn(rows, width, vocab, generator=generator) * 3
