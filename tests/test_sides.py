@@ -6,7 +6,8 @@ import functools
 
 import pytest
 import torch
-from transformers import CohereConfig, CohereForCausalLM, LlamaForCausalLM
+from tiny_models import tiny_cohere
+from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
 from ngsd_guard.experts import ModelHandle, Runner
@@ -98,26 +99,12 @@ class _ScaledLlama(LlamaForCausalLM):
         return out
 
 
-def _cohere() -> CohereForCausalLM:
-    torch.manual_seed(0)
-    config = CohereConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        logit_scale=0.0625,
-    )
-    return CohereForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("family", ["cohere", "scaled"])
 def test_logits_that_are_not_the_output_layers_product_are_kept_whole(tiny_base, family):
     """Cohere scales its logits (a config field); another family may do so in its forward
     (found by the check on three tokens). Their verifications keep the forward's logits."""
     if family == "cohere":
-        model = _cohere()
+        model = tiny_cohere(0)
     else:
         model = _ScaledLlama(tiny_base.config).eval()
         model.load_state_dict(tiny_base.state_dict())

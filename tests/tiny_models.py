@@ -1,9 +1,9 @@
-"""Tiny random Llama models over the real vocabulary, for fast unit tests."""
+"""Tiny random models over the real vocabulary, for fast unit tests."""
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
 def tiny_llama(
@@ -26,3 +26,18 @@ def tiny_llama(
         pad_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_cohere(seed: int) -> CohereForCausalLM:
+    """A 1-layer random Cohere model: its logits are the output layer's, scaled."""
+    torch.manual_seed(seed)
+    config = CohereConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        logit_scale=0.0625,
+    )
+    return CohereForCausalLM(config).eval()
