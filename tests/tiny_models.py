@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForCausalLM
 
+SIZES = {
+    "vocab_size": 49152,  # the real tokenizer's
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+"""The shapes every tiny model shares."""
+
 
 def tiny_llama(
     seed: int, *, max_positions: int = 256, tie_embeddings: bool = False
@@ -12,12 +21,8 @@ def tiny_llama(
     """A 2-layer random Llama with peaked distributions (large init), in eval mode."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
+        **SIZES,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=max_positions,
         initializer_range=0.3,
         tie_word_embeddings=tie_embeddings,
@@ -31,13 +36,5 @@ def tiny_llama(
 def tiny_cohere(seed: int) -> CohereForCausalLM:
     """A 1-layer random Cohere model: its logits are the output layer's, scaled."""
     torch.manual_seed(seed)
-    config = CohereConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        logit_scale=0.0625,
-    )
+    config = CohereConfig(**SIZES, num_hidden_layers=1, logit_scale=0.0625)
     return CohereForCausalLM(config).eval()
