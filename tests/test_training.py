@@ -31,6 +31,7 @@ from ngsd_guard.training import (
     load_seeds,
     recovery_response,
     train_lora,
+    trainer,
     wrap_lora,
 )
 from ngsd_guard.training.command import add_parser
@@ -45,7 +46,12 @@ from ngsd_guard.training.data import (
 )
 from ngsd_guard.training.expert import train_expert
 from ngsd_guard.training.probe import auc, cross_validated_auc, fit_blend
-from ngsd_guard.training.trainer import batch_loss, length_grouped_batches, load_trainable_adapter
+from ngsd_guard.training.trainer import (
+    Checkpoint,
+    batch_loss,
+    length_grouped_batches,
+    load_trainable_adapter,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
@@ -134,6 +140,72 @@ def test_tiny_training_lowers_the_loss(tokenizer):
     settings = LoraSettings(r=4, lora_alpha=16, lr=5e-2, epochs=15, batch_size=5, seed=0)
     report = train_lora(model, examples, settings, pad_id=2)
     assert report.steps == 15
+    assert report.last_loss < 0.8 * report.first_loss
+
+
+def _tiny_examples(tokenizer) -> list[Example]:
+    refusal = tokenizer("I'm sorry, but I cannot help.", add_special_tokens=False)["input_ids"]
+    return [
+        Example("refusal", "x", render_ids(tokenizer, f"bad request {i}"), refusal)
+        for i in range(4)
+    ] + [Example("benign", "y", render_ids(tokenizer, "hello"), [40, 41, 42, 2])]
+
+
+def _trained(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_killed_training_resumes_from_its_checkpoint_and_equals_an_uninterrupted_one(
+    tokenizer, tmp_path, monkeypatch
+):
+    examples = _tiny_examples(tokenizer)
+    settings = LoraSettings(r=4, lora_alpha=16, lr=5e-2, epochs=3, batch_size=2, seed=0)
+
+    def model():
+        return wrap_lora(tiny_llama(3), settings)
+
+    whole = model()
+    straight = train_lora(whole, examples, settings, pad_id=2)
+    assert straight.steps == 9
+
+    calls = {"n": 0}
+    loss = trainer.batch_loss
+
+    def killed_at_step_6(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+
+    checkpoint = Checkpoint(tmp_path / "ckpt", every=2)
+    monkeypatch.setattr(trainer, "batch_loss", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(model(), examples, settings, pad_id=2, checkpoint=checkpoint)
+    assert len(torch.load(checkpoint.path, weights_only=True)["history"]) == 4
+    monkeypatch.setattr(trainer, "batch_loss", loss)
+    resumed_model = model()
+    resumed = train_lora(resumed_model, examples, settings, pad_id=2, checkpoint=checkpoint)
+
+    assert resumed.steps == 9
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    expected, got = _trained(whole), _trained(resumed_model)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+
+    other = LoraSettings(r=4, lora_alpha=16, lr=1e-2, epochs=3, batch_size=2, seed=0)
+    with pytest.raises(ConfigError, match="another run"):
+        train_lora(model(), examples, other, pad_id=2, checkpoint=checkpoint)
+
+
+def test_bf16_training_runs_the_forwards_in_bf16_and_still_learns(tokenizer):
+    settings = LoraSettings(r=4, lora_alpha=16, lr=5e-2, epochs=15, batch_size=5, bf16=True)
+    model = wrap_lora(tiny_llama(3), settings)
+    dtypes = set()
+    projection = model.get_base_model().model.layers[0].self_attn.q_proj
+    projection.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    report = train_lora(model, _tiny_examples(tokenizer), settings, pad_id=2)
+    assert dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in _trained(model).values())
     assert report.last_loss < 0.8 * report.first_loss
 
 
@@ -289,6 +361,7 @@ def test_seeds_respect_the_fixed_splits():
         ["--r", "0"],
         ["--lr", "-0.5"],
         ["--refusal-tries", "0"],
+        ["--checkpoint-every", "0", "--checkpoint", "ckpt"],
     ],
 )
 def test_bad_training_settings_are_named_before_a_model_loads(tmp_path, capsys, flag):

@@ -102,6 +102,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="go on training this expert's adapter instead of a fresh one (its rank and "
         "targets; with --no-probe its probe and policy.json are kept)",
     )
+    parser.add_argument(
+        "--bf16", action="store_true", help="LoRA forwards under bf16 autocast (CPU or CUDA)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="save the LoRA training's state in this directory every --checkpoint-every steps, "
+        "and go on from it when it holds one (a run killed midway resumes where it was)",
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between saves")
     parser.add_argument("--json", action="store_true", help="print training.json")
     parser.set_defaults(handler=cmd_train_expert)
     _add_calibrate_parser(subparsers)
@@ -309,7 +319,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
     )
     from .data import BuildConfig, load_examples, save_plan
     from .expert import train_expert
-    from .trainer import LoraSettings, require_adapter
+    from .trainer import Checkpoint, LoraSettings, require_adapter
 
     data_dir = args.data_dir or default_data_dir()
     if args.plan is None and not (data_dir / "advbench_harmful_behaviors.json").is_file():
@@ -338,6 +348,10 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         distill_weight=args.distill_weight,
         seed=args.seed,
+        bf16=args.bf16,
+    )
+    checkpoint = (
+        None if args.checkpoint is None else Checkpoint(args.checkpoint, args.checkpoint_every)
     )
     if args.init_adapter is not None:
         require_adapter(args.init_adapter, "--init-adapter")
@@ -367,6 +381,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         examples_path=args.save_examples,
         examples=None if args.examples is None else load_examples(args.examples, tokenizer),
         init_adapter=args.init_adapter,
+        checkpoint=checkpoint,
         command="ngsd-guard " + shlex.join(sys.argv[1:]),
     )
     if args.json:

@@ -22,6 +22,7 @@ from .calibrate import is_holdout, split_holdout
 from .data import BuildConfig, Example, PlannedRequest, build_dataset, save_examples
 from .probe import cross_validated_auc, fit_probe, probe_features
 from .trainer import (
+    Checkpoint,
     LoraSettings,
     load_trainable_adapter,
     require_adapter,
@@ -66,6 +67,7 @@ def train_expert(
     examples_path: str | Path | None = None,
     examples: Sequence[Example] | None = None,
     init_adapter: str | Path | None = None,
+    checkpoint: Checkpoint | None = None,
     command: str = "",
 ) -> dict[str, object]:
     """Train the probe (on the plain base; ``probe`` names its features, None skips it) and
@@ -78,7 +80,9 @@ def train_expert(
 
     The held-out slice never trains, so that ``calibrate-expert`` can choose the escalation
     later. ``examples`` (from :func:`~ngsd_guard.training.data.load_examples`) replaces
-    building the data; those of held-out requests are dropped."""
+    building the data; those of held-out requests are dropped. ``checkpoint``: where the LoRA
+    training saves its state, and goes on from (:class:`~ngsd_guard.training.trainer.Checkpoint`).
+    """
     init_dir = None if init_adapter is None else Path(init_adapter)
     if init_dir is not None:
         require_adapter(init_dir, "init_adapter")  # before hours of data building
@@ -128,7 +132,7 @@ def train_expert(
         wrap_lora(model, lora) if init_dir is None else load_trainable_adapter(model, init_dir)
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    report = train_lora(peft_model, trainable, lora, pad_id=pad)
+    report = train_lora(peft_model, trainable, lora, pad_id=pad, checkpoint=checkpoint)
     save_adapter_fp16(peft_model, out, base_name)
     record["training"] = {
         "steps": report.steps,

@@ -44,6 +44,7 @@ class LoraSettings:
     distill_weight: float = 1.0
     max_length: int = 1024
     seed: int = 0
+    bf16: bool = False  # forwards under bf16 autocast (the losses stay fp32)
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -169,6 +170,47 @@ def length_grouped_batches(
     return batches
 
 
+CHECKPOINT_FILE = "lora-training.pt"
+
+
+@dataclass
+class Checkpoint:
+    """Where a LoRA training saves its state every ``every`` steps (the trainable weights,
+    the optimiser, the schedule, the RNG and the loss history), so that a run killed midway
+    goes on from its last save: the resumed run equals an uninterrupted one."""
+
+    directory: Path
+    every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"`checkpoint_every` (={self.every}) must be at least 1")
+
+    @property
+    def path(self) -> Path:
+        return self.directory / CHECKPOINT_FILE
+
+    def save(self, state: dict[str, object]) -> None:
+        """Write ``state`` atomically: a run killed while saving keeps the previous save."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(self.path)
+
+    def load(self, run: dict[str, object]) -> dict[str, object] | None:
+        """The saved state, or None; a ConfigError when it was saved by a different run
+        (``run``: the settings and the number of examples)."""
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, weights_only=True)
+        if state["run"] != run:
+            raise ConfigError(
+                f"the checkpoint in {str(self.directory)!r} is of another run "
+                f"({state['run']} against {run}); remove it or choose another directory"
+            )
+        return state
+
+
 @dataclass
 class TrainReport:
     steps: int
@@ -186,12 +228,15 @@ def train_lora(
     *,
     pad_id: int,
     log_every: int = 10,
+    checkpoint: Checkpoint | None = None,
 ) -> TrainReport:
-    """Train the adapter of a peft ``model`` in place; deterministic under ``settings.seed``."""
+    """Train the adapter of a peft ``model`` in place; deterministic under ``settings.seed``.
+    With ``checkpoint``, go on from its last save, and save every ``checkpoint.every`` steps."""
     device = next(model.parameters()).device
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     lengths = [min(len(ex.input_ids), settings.max_length) for ex in examples]
     steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
@@ -205,15 +250,32 @@ def train_lora(
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model.train()
     history: list[dict[str, float]] = []
+    run = {"settings": asdict(settings), "examples": len(examples)}
+    saved = checkpoint.load(run) if checkpoint is not None else None
+    if saved is not None:
+        with torch.no_grad():
+            for name, value in saved["weights"].items():  # type: ignore[union-attr]
+                named[name].copy_(value)
+        optimizer.load_state_dict(saved["optimizer"])  # type: ignore[arg-type]
+        scheduler.load_state_dict(saved["scheduler"])  # type: ignore[arg-type]
+        torch.set_rng_state(saved["rng"])  # type: ignore[arg-type]
+        history = list(saved["history"])  # type: ignore[call-overload]
+        logger.info("resuming from step %d (%s)", len(history), checkpoint.path)
+    done = len(history)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+    model.train()
     started = time.perf_counter()
     step = 0
     for epoch in range(settings.epochs):
         for indices in length_grouped_batches(lengths, settings.batch_size, rng):
+            if step < done:  # trained before the checkpoint; the batch order is replayed
+                step += 1
+                continue
             chunk = [examples[i] for i in indices]
             batch = collate(chunk, pad_id, settings.max_length, device)
-            loss, ce, kl = batch_loss(model, batch, settings.distill_weight)
+            with autocast:
+                loss, ce, kl = batch_loss(model, batch, settings.distill_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -230,6 +292,17 @@ def train_lora(
             if step % log_every == 0:
                 logger.info("step %d/%d %s", step, total, row)
             step += 1
+            if checkpoint is not None and (step % checkpoint.every == 0 or step == total):
+                checkpoint.save(
+                    {
+                        "run": run,
+                        "weights": {n: p.detach().clone() for n, p in named.items()},
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "history": history,
+                    }
+                )
     model.eval()
     losses = [h["loss"] for h in history]
     head = sum(losses[: max(1, len(losses) // 10)]) / max(1, len(losses) // 10)
