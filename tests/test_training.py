@@ -181,12 +181,14 @@ def test_a_killed_training_resumes_from_its_checkpoint_and_equals_an_uninterrupt
     monkeypatch.setattr(trainer, "batch_loss", killed_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train_lora(model(), examples, settings, pad_id=2, checkpoint=checkpoint)
-    assert len(torch.load(checkpoint.path, weights_only=True)["history"]) == 4
+    saved = torch.load(checkpoint.path, weights_only=True)
+    assert len(saved["history"]) == 4 and saved["seconds"] > 0
     monkeypatch.setattr(trainer, "batch_loss", loss)
     resumed_model = model()
     resumed = train_lora(resumed_model, examples, settings, pad_id=2, checkpoint=checkpoint)
 
     assert resumed.steps == 9
+    assert resumed.seconds > saved["seconds"]  # the time before the kill counts
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
     expected, got = _trained(whole), _trained(resumed_model)
     assert expected.keys() == got.keys()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -190,14 +191,14 @@ class Checkpoint:
     def path(self) -> Path:
         return self.directory / CHECKPOINT_FILE
 
-    def save(self, state: dict[str, object]) -> None:
+    def save(self, state: dict[str, Any]) -> None:
         """Write ``state`` atomically: a run killed while saving keeps the previous save."""
         self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
         torch.save(state, partial)
         partial.replace(self.path)
 
-    def load(self, run: dict[str, object]) -> dict[str, object] | None:
+    def load(self, run: dict[str, Any]) -> dict[str, Any] | None:
         """The saved state, or None; a ConfigError when it was saved by a different run
         (``run``: the settings and the number of examples)."""
         if not self.path.is_file():
@@ -251,16 +252,18 @@ def train_lora(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     history: list[dict[str, float]] = []
+    earlier = 0.0  # seconds spent before the checkpoint
     run = {"settings": asdict(settings), "examples": len(examples)}
     saved = checkpoint.load(run) if checkpoint is not None else None
     if saved is not None:
         with torch.no_grad():
-            for name, value in saved["weights"].items():  # type: ignore[union-attr]
+            for name, value in saved["weights"].items():
                 named[name].copy_(value)
-        optimizer.load_state_dict(saved["optimizer"])  # type: ignore[arg-type]
-        scheduler.load_state_dict(saved["scheduler"])  # type: ignore[arg-type]
-        torch.set_rng_state(saved["rng"])  # type: ignore[arg-type]
-        history = list(saved["history"])  # type: ignore[call-overload]
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        history = list(saved["history"])
+        earlier = float(saved.get("seconds", 0.0))
         logger.info("resuming from step %d (%s)", len(history), checkpoint.path)
     done = len(history)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
@@ -301,10 +304,12 @@ def train_lora(
                         "scheduler": scheduler.state_dict(),
                         "rng": torch.get_rng_state(),
                         "history": history,
+                        "seconds": earlier + time.perf_counter() - started,
                     }
                 )
     model.eval()
     losses = [h["loss"] for h in history]
     head = sum(losses[: max(1, len(losses) // 10)]) / max(1, len(losses) // 10)
     tail = sum(losses[-max(1, len(losses) // 10) :]) / max(1, len(losses) // 10)
-    return TrainReport(step, time.perf_counter() - started, head, tail, history, asdict(settings))
+    seconds = earlier + time.perf_counter() - started
+    return TrainReport(step, seconds, head, tail, history, asdict(settings))
