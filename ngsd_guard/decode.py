@@ -56,7 +56,7 @@ from .records import StepRecord
 from .replay import WindowResult, replay
 from .rows import Draft, Row, RowResult, RowSpec
 from .sampling import SamplingParams, choose, uniforms
-from .sides import ModelSide, Prefill, prefill, prompt_features, split
+from .sides import ModelSide, Prefill, prefill, prompt_features, split, upper
 from .verify import Verification, WindowTable
 
 Assess = Callable[[Sequence[str], torch.Tensor], Sequence[Assessment]]
@@ -152,6 +152,8 @@ class Decoder:
         self.max_window = config.window if expert is not None else 1
         self.quiet_window = config.quiet_window if expert is not None else 1
         self.side_by_side = overlaps(base, expert)
+        self.trunk = expert.trunk if expert is not None else None
+        self.trunk_at = self.trunk.first if self.trunk is not None else 0
         self.results: dict[int, RowResult] = {}
         self._timing = _Timing()
         self._lock = threading.Lock()
@@ -269,8 +271,10 @@ class Decoder:
                 features=features,
                 spans=[*spans, *spans],
                 adapter_names=["__base__"] * count + [joint] * count,
+                hidden_at=self.trunk_at,
             )
-            base_pre, expert_pre = split(both, count, (self.base, self.expert.runner))
+            expert_runner = self.trunk if self.trunk is not None else self.expert.runner
+            base_pre, expert_pre = split(both, count, (self.base, expert_runner))
         else:
             base_pre = prefill(
                 self.base,
@@ -279,12 +283,15 @@ class Decoder:
                 headers=base_headers,
                 features=features,
                 spans=spans,
+                hidden_at=self.trunk_at,
             )
             if self.expert is not None:
                 expert_prompts = [s.expert_ids for s in specs]
                 expert_pre = prefill(
                     self.expert.runner, expert_prompts, pad_id, headers=expert_headers
                 )
+                if self.trunk is not None:
+                    expert_pre = upper(expert_pre, self.trunk)
         if self._timing.estimate("verify") is None:  # a prompt's forward: a first guess
             self._timing.observe("verify", time.perf_counter() - admitted)
         read = prompt_features(features, base_pre, expert_pre) if features is not None else None
@@ -301,6 +308,7 @@ class Decoder:
                 risk=assessment.risk,
                 started=admitted,
                 next_logits=base_pre.logits[i],
+                next_hidden=base_pre.hidden[i] if base_pre.hidden is not None else None,
                 expert_logits=expert_pre.logits[i] if expert_pre is not None else None,
                 window=self._first_window(assessment.alpha),
                 quiet=assessment.alpha == 0.0,
@@ -418,7 +426,9 @@ class Decoder:
                     matcher.accept(token)
                     accepted = True
                 complete = matcher.is_complete()
-            row.pending.append(Draft(token, logits[i], masks[i], accepted, complete))
+            row.pending.append(
+                Draft(token, logits[i], masks[i], accepted, complete, row.next_hidden)
+            )
             row.fresh = False
 
     def _allowed(self, row: Row, vocab: int) -> torch.Tensor | None:
@@ -480,14 +490,14 @@ class Decoder:
                 width = max(width, len(row.pending))
         if not width:
             return None
-        return Verification.of(self._rows, width, self.eos_ids[0])
+        return Verification.of(self._rows, width, self.eos_ids[0], self.trunk is not None)
 
     def _verify(self, job: Verification) -> tuple[WindowResult, float]:
         """The expert's forward over the job's drafts and the gate's replay (any thread):
         the result and the seconds it took."""
         assert self._expert_side is not None
         started = time.perf_counter()
-        out = self._expert_side.feed_outputs(job.tokens, job.lengths) if job.fed else None
+        out = self._expert_side.feed_outputs(job.inputs, job.lengths) if job.fed else None
         result = replay(
             base=job.base,
             expert=job.expert_logits(out),
@@ -565,11 +575,16 @@ class Decoder:
         ]
         tokens = torch.tensor(newest, dtype=torch.long).unsqueeze(-1)
         started = time.perf_counter()
-        logits = self._base_side.feed(tokens, torch.tensor(feeding, dtype=torch.long))[:, -1]
+        fed = self._base_side.feed(
+            tokens, torch.tensor(feeding, dtype=torch.long), hidden_at=self.trunk_at
+        )
         self._timing.observe("step", time.perf_counter() - started)
+        logits = fed.logits[:, -1]
+        hidden = fed.hidden[:, -1] if fed.hidden is not None else None
         for r, row in enumerate(self._rows):
             if feeding[r]:
                 row.next_logits, row.fresh = logits[r], True
+                row.next_hidden = hidden[r] if hidden is not None else None
 
 
 def _row_uniforms(decoding: DecodingConfig) -> torch.Tensor:

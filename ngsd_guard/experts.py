@@ -4,7 +4,9 @@ A :class:`Runner` turns token ids and a KV cache into fp32 next-token logits on 
 device, sliced to the shared vocabulary. Three experts:
 
 - ``lora``: a peft LoRA adapter on the base weights (no second copy); the base runs through a
-  module tree without the LoRA layers that shares every weight tensor.
+  module tree without the LoRA layers that shares every weight tensor. When the adapter leaves
+  the first ``L`` decoder layers alone, the expert's hidden states there are the base's, and
+  its verifications run only the layers from ``L`` on (:class:`Trunk`), fed the base's.
 - ``model``: a separate, smaller model of the same family, on its own device.
 - ``prompted``: the base model itself, under a safety system prompt.
 """
@@ -135,6 +137,15 @@ class Outputs:
         return states[..., : self.vocab_size].to(self.out_device, torch.float32)
 
 
+@dataclass(frozen=True)
+class Forward:
+    """What one forward returns."""
+
+    logits: torch.Tensor  # (B, T', V) fp32: the last ``keep`` positions' (all when keep is 0)
+    features: torch.Tensor | None  # (B, F) fp32 prompt features, if asked
+    hidden: torch.Tensor | None  # (B, T, H) the states entering decoder layer ``hidden_at``
+
+
 @dataclass
 class Runner:
     """Logits of one side (base or expert): a model handle and the shared vocabulary size."""
@@ -155,14 +166,16 @@ class Runner:
         spans: torch.Tensor | None = None,
         keep: int = 0,
         adapter_names: Sequence[str] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T) ids -> ((B, T', V) fp32 logits, (B, F) fp32 prompt features or None).
+        hidden_at: int = 0,
+    ) -> Forward:
+        """(B, T) ids -> the logits, and the prompt features and hidden states if asked.
 
         ``keep`` > 0 computes the logits of the last ``keep`` positions only (T' = keep).
         ``features`` are pooled from this forward's hidden states (:mod:`ngsd_guard.features`),
         with ``spans`` (B, 2) the [start, end) positions of each row's last user message.
         ``adapter_names``: per row, the peft adapter to apply (``"__base__"``: none), for a
-        batch that mixes base and LoRA-expert rows in one forward.
+        batch that mixes base and LoRA-expert rows in one forward. ``hidden_at`` > 0 keeps
+        the states entering decoder layer ``hidden_at`` (counted from 0), on the model's device.
         """
         handle = self.handle
         device = handle.device
@@ -171,10 +184,12 @@ class Runner:
             options["logits_to_keep"] = keep
         if adapter_names is not None:
             options["adapter_names"] = list(adapter_names)
-        pooled = None
+        pooled = hidden = None
         with handle.lock:
             layers = features.layers if features is not None else ()
-            with capture_layers(handle.model, layers) as states:
+            with capture_layers(
+                handle.model, (*layers, hidden_at) if hidden_at else layers
+            ) as states:
                 out = handle.model(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
@@ -186,9 +201,11 @@ class Runner:
                     if spans is None:
                         raise ValueError("`features` need the `spans` of the last user message")
                     pooled = features.pool(states, spans.to(device)).to(self.out_device)
+                if hidden_at:
+                    hidden = states[hidden_at]
         logits = out.logits[:, -keep:] if keep else out.logits
         logits = logits[..., : self.vocab_size].to(self.out_device, torch.float32)
-        return logits, pooled
+        return Forward(logits, pooled, hidden)
 
     @torch.no_grad()
     def outputs(
@@ -203,9 +220,9 @@ class Runner:
         handle = self.handle
         head = handle.head
         if head is None:
-            logits, _ = self.forward(
+            logits = self.forward(
                 input_ids, attention_mask, position_ids, cache, keep=input_ids.shape[1]
-            )
+            ).logits
             return Outputs(logits, None, self.vocab_size, self.out_device)
         device = handle.device
         with handle.lock:
@@ -219,6 +236,104 @@ class Runner:
         return Outputs(out.last_hidden_state, head, self.vocab_size, self.out_device)
 
 
+def first_adapted_layer(peft_model: torch.nn.Module) -> int:
+    """The first decoder layer that a peft model's adapter changes, so that the expert's states
+    entering it are the base's; 0 when the adapter changes anything outside the decoder's
+    layers or the model has no Llama-style decoder."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    blocks = getattr(peft_model.get_base_model().get_decoder(), "layers", None)
+    if blocks is None:
+        return 0
+    inside = {id(m) for block in blocks for m in block.modules()}
+    adapted = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+    if not adapted or any(id(m) not in inside for m in adapted):
+        return 0
+    for index, block in enumerate(blocks):
+        if any(isinstance(m, BaseTunerLayer) for m in block.modules()):
+            return index
+    return 0
+
+
+def _upper_decoder(decoder: torch.nn.Module, first: int) -> torch.nn.Module | None:
+    """``decoder`` from layer ``first`` on, as a module tree that shares every parameter: its
+    attention layers count from ``first``, so its cache holds only those layers. None for a
+    decoder whose layers do not say their index (``self_attn.layer_idx``)."""
+    blocks = []
+    for block in decoder.layers[first:]:
+        attention = getattr(block, "self_attn", None)
+        if not isinstance(getattr(attention, "layer_idx", None), int):
+            return None
+        clone = copy.copy(block)
+        clone._modules = dict(block._modules)
+        clone._modules["self_attn"] = copy.copy(attention)
+        clone._modules["self_attn"].layer_idx = attention.layer_idx - first
+        blocks.append(clone)
+    upper = copy.copy(decoder)
+    upper._modules = {**decoder._modules, "layers": torch.nn.ModuleList(blocks)}
+    upper.config = copy.copy(decoder.config)
+    upper.config.num_hidden_layers = len(blocks)
+    return upper
+
+
+@dataclass
+class Trunk:
+    """A LoRA expert's decoder layers from ``first`` on (the layers its adapter changes), fed
+    the base's states entering layer ``first``: the same logits as the whole expert, for about
+    ``1 - first / layers`` of its cost, with a cache of those layers only."""
+
+    runner: Runner  # the whole expert's
+    first: int
+    decoder: torch.nn.Module
+
+    @property
+    def out_device(self) -> torch.device:
+        return self.runner.out_device
+
+    @classmethod
+    def of(cls, expert: Runner, base: Runner) -> Trunk | None:
+        """The trunk of a LoRA ``expert`` over ``base``, when its adapter leaves the first
+        layers alone and a three-token check finds the logits equal; None otherwise."""
+        handle = expert.handle
+        first = first_adapted_layer(handle.model) if is_peft(handle.model) else 0
+        decoder = _upper_decoder(handle.inner.get_decoder(), first) if first else None
+        if decoder is None or handle.head is None:
+            return None
+        trunk = cls(expert, first, decoder)
+        ids = torch.arange(1, 4)[None]
+        mask, positions = torch.ones_like(ids), torch.arange(3)[None]
+        whole = expert.outputs(ids, mask, positions, DynamicCache())
+        below = base.forward(ids, mask, positions, DynamicCache(), keep=1, hidden_at=first)
+        assert below.hidden is not None
+        formed = trunk.outputs(below.hidden, mask, positions, DynamicCache())
+        every = (torch.zeros(3, dtype=torch.long), torch.arange(3))
+        if not torch.allclose(formed.logits(*every), whole.logits(*every), rtol=1e-3, atol=1e-3):
+            return None
+        return trunk
+
+    @torch.no_grad()
+    def outputs(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+    ) -> Outputs:
+        """(B, T, H) states entering layer ``first`` -> the outputs at every position."""
+        handle = self.runner.handle
+        device = handle.device
+        with handle.lock:
+            out = self.decoder(
+                inputs_embeds=hidden.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=position_ids.to(device),
+                use_cache=True,
+                **{handle.cache_argument: cache},
+            )
+        runner = self.runner
+        return Outputs(out.last_hidden_state, handle.head, runner.vocab_size, runner.out_device)
+
+
 @dataclass
 class Expert:
     """The expert side: its runner, its kind, and the system prompt it decodes under."""
@@ -226,6 +341,7 @@ class Expert:
     runner: Runner
     kind: ExpertKind
     safety_prompt: str | None = None
+    trunk: Trunk | None = None  # a LoRA expert's upper layers, when its adapter allows
 
     @property
     def joint_adapter(self) -> str | None:

@@ -32,6 +32,7 @@ from .experts import (
     Message,
     ModelHandle,
     Runner,
+    Trunk,
     is_peft,
     shared_vocab_size,
     without_adapters,
@@ -219,7 +220,9 @@ class GuardedLM:
         vocab = min(shared_vocab_size(tokenizer, expert_tokenizer), model.config.vocab_size)
         if is_peft(model):
             base = ModelHandle(without_adapters(model))
-            spec = Expert(Runner(ModelHandle(model), vocab, base.device), "lora")
+            lora = Runner(ModelHandle(model), vocab, base.device)
+            trunk = Trunk.of(lora, Runner(base, vocab, base.device))
+            spec = Expert(lora, "lora", trunk=trunk)
         elif expert is not None:
             base = ModelHandle(model)
             vocab = min(vocab, expert.config.vocab_size)

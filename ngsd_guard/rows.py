@@ -55,6 +55,8 @@ class Draft:
     allowed: torch.Tensor | None  # (V,) bool: the constraint's mask there
     accepted: bool  # the matcher took it (every draft but EOS on a constrained row)
     complete: bool  # the matcher was complete after it
+    hidden: torch.Tensor | None = None  # (H,) the base's states entering the expert's trunk
+    # (:class:`ngsd_guard.experts.Trunk`) at the token whose logits chose this draft
 
     def take_logits(self) -> torch.Tensor:
         """The draft's logits, released here: a draft is verified once, and its logits
@@ -87,6 +89,7 @@ class Row:
     quiet: bool  # its expert weight is 0 (before any escalation): the quiet window caps it
     streamed_at: float  # when the row last released tokens (admission, before the first)
     fresh: bool = True
+    next_hidden: torch.Tensor | None = None  # (H,) with next_logits, for a trunk expert
     tokens: list[int] = field(default_factory=list)
     pending: list[Draft] = field(default_factory=list)
     result: RowResult | None = None

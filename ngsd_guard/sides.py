@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .experts import Outputs, Runner
+from .experts import Forward, Outputs, Runner, Trunk
 from .features import PromptFeatures, first_divergence
 from .prefixes import Header
 
@@ -110,6 +110,8 @@ class Prefill:
     side: ModelSide
     logits: torch.Tensor  # (B, V) fp32: the next-token logits after each prompt
     features: torch.Tensor | None  # (B, F) fp32 prompt features, if asked
+    hidden: torch.Tensor | None = None  # (B, H) the states entering layer ``hidden_at`` at
+    # each prompt's last token, if asked
 
 
 class ModelSide:
@@ -117,7 +119,7 @@ class ModelSide:
 
     def __init__(
         self,
-        runner: Runner,
+        runner: Runner | Trunk,
         cache: DynamicCache,
         mask: torch.Tensor,
         next_position: torch.Tensor,
@@ -132,24 +134,28 @@ class ModelSide:
         return self.mask.shape[0]
 
     @torch.no_grad()
-    def feed(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def feed(
+        self, tokens: torch.Tensor, lengths: torch.Tensor | None = None, *, hidden_at: int = 0
+    ) -> Forward:
         """Feed (B, T) tokens, row ``r`` its first ``lengths[r]`` (all T when None): the logits
-        after every fed position, (B, T, V) fp32 (those past a row's length are garbage)."""
+        after every fed position, (B, T, V) fp32 (those past a row's length are garbage), and
+        the states entering layer ``hidden_at`` if asked (:meth:`Runner.forward`)."""
+        assert isinstance(self.runner, Runner)
         positions = self._append(tokens, lengths)
-        logits, _ = self.runner.forward(
-            tokens, self.mask, positions, self.cache, keep=tokens.shape[1]
+        return self.runner.forward(
+            tokens, self.mask, positions, self.cache, keep=tokens.shape[1], hidden_at=hidden_at
         )
-        return logits
 
     @torch.no_grad()
-    def feed_outputs(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> Outputs:
-        """As :meth:`feed`, but the outputs that form those logits a few positions at a time."""
-        positions = self._append(tokens, lengths)
-        return self.runner.outputs(tokens, self.mask, positions, self.cache)
+    def feed_outputs(self, inputs: torch.Tensor, lengths: torch.Tensor | None = None) -> Outputs:
+        """As :meth:`feed`, but the outputs that form those logits a few positions at a time;
+        a trunk's side is fed (B, T, H) states instead of tokens (:class:`Trunk`)."""
+        positions = self._append(inputs, lengths)
+        return self.runner.outputs(inputs, self.mask, positions, self.cache)
 
-    def _append(self, tokens: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    def _append(self, inputs: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         """Extend the live-slot mask and the next positions by a feed: its (B, T) positions."""
-        rows, count = tokens.shape
+        rows, count = inputs.shape[:2]
         steps = torch.arange(count)
         live = (
             torch.ones((rows, count), dtype=torch.long)
@@ -239,10 +245,12 @@ def prefill(
     features: PromptFeatures | None = None,
     spans: Sequence[tuple[int, int]] | None = None,
     adapter_names: Sequence[str] | None = None,
+    hidden_at: int = 0,
 ) -> Prefill:
     """Feed prompts to a fresh cache: the side, the next-token logits (B, V) and, if
     ``features`` are asked, the (B, F) prompt features pooled from this forward, with
-    ``spans`` each prompt's [start, end) token positions of its last user message.
+    ``spans`` each prompt's [start, end) token positions of its last user message; with
+    ``hidden_at``, the states entering that layer at each prompt's last token.
 
     ``headers`` (:mod:`ngsd_guard.prefixes`), per row, the states of the prompt's first tokens
     already computed on this model: only the rest is fed. Each row's slots are its header
@@ -271,7 +279,7 @@ def prefill(
             ]
         )
     cache = _header_cache(headers, front)
-    logits, pooled = runner.forward(
+    out = runner.forward(
         ids,
         mask,
         positions,
@@ -280,9 +288,11 @@ def prefill(
         spans=padded_spans,
         keep=1,
         adapter_names=adapter_names,
+        hidden_at=hidden_at,
     )
     side = ModelSide(runner, cache, mask, positions[:, -1] + 1)
-    return Prefill(side, logits[:, -1], pooled)
+    hidden = out.hidden[:, -1] if out.hidden is not None else None
+    return Prefill(side, out.logits[:, -1], out.features, hidden)
 
 
 def _header_cache(headers: Sequence[Header | None], width: int) -> DynamicCache:
@@ -309,15 +319,19 @@ def _cache_of(states: Sequence[tuple[torch.Tensor, ...]]) -> DynamicCache:
     return cache
 
 
-def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tuple[Prefill, Prefill]:
+def split(
+    prefilled: Prefill, rows: int, runners: tuple[Runner, Runner | Trunk]
+) -> tuple[Prefill, Prefill]:
     """Two prefills from one whose first ``rows`` rows belong to the first runner and the rest
-    to the second (a base and its LoRA expert prefilled in one forward). The first half's
-    cache is a view (its next step replaces it); the second's a copy, since its next forward
-    may come a window later, and a view would hold the whole prefill until then."""
+    to the second (a base and its LoRA expert prefilled in one forward; for the expert's
+    :class:`Trunk`, only the cache of its layers). The first half's cache is a view (its next
+    step replaces it); the second's a copy, since its next forward may come a window later,
+    and a view would hold the whole prefill until then."""
     side = prefilled.side
     halves = []
     for runner, index in zip(runners, (slice(0, rows), slice(rows, side.rows)), strict=True):
         copy = index.start > 0
+        first = runner.first if isinstance(runner, Trunk) else 0
         part = ModelSide(
             runner,
             _cache_of(
@@ -325,15 +339,24 @@ def split(prefilled: Prefill, rows: int, runners: tuple[Runner, Runner]) -> tupl
                     tuple(
                         t[index].clone() if copy else t[index] for t in (layer.keys, layer.values)
                     )
-                    for layer in side.cache.layers
+                    for layer in side.cache.layers[first:]
                 ]
             ),
             side.mask[index].clone(),
             side.next_position[index].clone(),
         )
         pooled = prefilled.features[index] if prefilled.features is not None else None
-        halves.append(Prefill(part, prefilled.logits[index], pooled))
+        hidden = prefilled.hidden[index] if prefilled.hidden is not None else None
+        halves.append(Prefill(part, prefilled.logits[index], pooled, hidden))
     return halves[0], halves[1]
+
+
+def upper(prefilled: Prefill, trunk: Trunk) -> Prefill:
+    """An expert's prefill as its :class:`Trunk`'s: only the cache of the trunk's layers."""
+    side = prefilled.side
+    states = [(layer.keys, layer.values) for layer in side.cache.layers[trunk.first :]]
+    part = ModelSide(trunk, _cache_of(states), side.mask, side.next_position)
+    return Prefill(part, prefilled.logits, prefilled.features, prefilled.hidden)
 
 
 def prompt_features(

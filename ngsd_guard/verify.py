@@ -74,7 +74,8 @@ class Verification:
 
     rows: list[Row]  # the batch's rows, in batch order
     counts: list[int]  # m_r: how many of each row's oldest drafts are verified (may be 0)
-    tokens: torch.Tensor  # (B, F) long: fed to the expert, row r its first lengths[r]
+    inputs: torch.Tensor  # (B, F) long tokens fed to the expert, row r its first lengths[r];
+    # for a trunk expert, (B, F, H) the base's states at those tokens
     lengths: torch.Tensor  # (B,) long
     base: DraftLogits
     expert_first: list[torch.Tensor | None]  # (V,) the expert's prefill logits, per row
@@ -85,8 +86,10 @@ class Verification:
     u: torch.Tensor  # (B, M) fp32: the uniforms of those token indices
 
     @classmethod
-    def of(cls, rows: list[Row], width: int, pad_id: int) -> Verification:
-        """Verify up to ``width`` of each row's oldest drafts."""
+    def of(cls, rows: list[Row], width: int, pad_id: int, trunk: bool = False) -> Verification:
+        """Verify up to ``width`` of each row's oldest drafts; with ``trunk``, feed the base's
+        states at the tokens instead of the tokens (draft ``j`` holds those of the token fed
+        before it: the row's last kept token for the first)."""
         counts = [min(len(row.pending), width) for row in rows]
         chunks = [
             []
@@ -96,9 +99,11 @@ class Verification:
             for row, m in zip(rows, counts, strict=True)
         ]
         fed = max(len(c) for c in chunks)
-        tokens = torch.full((len(rows), fed), pad_id, dtype=torch.long)
+        inputs = torch.full((len(rows), fed), pad_id, dtype=torch.long)
         for r, chunk in enumerate(chunks):
-            tokens[r, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+            inputs[r, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+        if trunk and fed:
+            inputs = _states(rows, counts, fed)
         drafts = [row.pending[:m] for row, m in zip(rows, counts, strict=True)]
         draft = torch.full((len(rows), width), pad_id, dtype=torch.long)
         valid = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -114,7 +119,7 @@ class Verification:
         return cls(
             rows=rows,
             counts=counts,
-            tokens=tokens,
+            inputs=inputs,
             lengths=torch.tensor([len(c) for c in chunks]),
             base=DraftLogits([[d.take_logits() for d in row] for row in drafts]),
             expert_first=[row.expert_logits for row in rows],
@@ -132,7 +137,7 @@ class Verification:
     @property
     def fed(self) -> int:
         """The widest row's expert feed (0: the prefill scored every verified draft)."""
-        return self.tokens.shape[1]
+        return self.inputs.shape[1]
 
     @property
     def fed_tokens(self) -> int:
@@ -143,6 +148,20 @@ class Verification:
         """The expert's logits at each verified draft, from its forward's ``outputs`` over
         :attr:`tokens` (None when nothing was fed) and the prefill's scores of first drafts."""
         return ExpertLogits(outputs, self.expert_first, self.allowed)
+
+
+def _states(rows: list[Row], counts: list[int], fed: int) -> torch.Tensor:
+    """(B, F, H) the base's states at each row's fed tokens (zeros past them)."""
+    chunks = [
+        [d.hidden for d in row.pending[(row.expert_logits is not None) : m]] if m else []
+        for row, m in zip(rows, counts, strict=True)
+    ]
+    known = next(h for chunk in chunks for h in chunk if h is not None)
+    states = known.new_zeros((len(rows), fed, known.shape[-1]))
+    for r, chunk in enumerate(chunks):
+        if chunk:
+            states[r, : len(chunk)] = torch.stack(chunk)  # type: ignore[arg-type]
+    return states
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,59 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
     assert got.summary.mean_divergence > 0
 
 
+@pytest.mark.parametrize("window", [1, 8])
+def test_an_upper_layer_lora_expert_verifies_on_its_layers_alone(tiny_base, tokenizer, window):
+    """A LoRA on layer 1 only: verifications run layer 1 over the base's states (the expert's
+    layer 0 runs in its prefill alone), and the tokens are the reference NGSD's, one prompt at
+    a time and batched."""
+    import copy
+
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], init_lora_weights=False
+    )
+    peft_model = get_peft_model(copy.deepcopy(tiny_base), config).eval()
+    gate = GateConfig(tau=4, threshold=0.5)
+    lm = GuardedLM.from_models(peft_model, tokenizer, config=GuardConfig(gate=gate, window=window))
+    lower = peft_model.get_base_model().model.layers[0].self_attn.q_proj
+    calls = []
+    lower.register_forward_hook(lambda *_: calls.append(1))
+
+    def with_adapter(enabled):
+        def logits(seq):
+            if enabled:
+                return full_logits(peft_model)(seq)
+            with peft_model.disable_adapter():
+                return full_logits(peft_model)(seq)
+
+        return logits
+
+    expected = []
+    for prompt in PROMPTS:
+        ids = tokenizer(lm.render(prompt), add_special_tokens=False)["input_ids"]
+        tokens, spikes = reference_ngsd(
+            with_adapter(False),
+            with_adapter(True),
+            ids,
+            ids,
+            tau=4,
+            threshold=0.5,
+            alpha=0.9,
+            top_k=64,
+            max_new=16,
+        )
+        expected.append(tokens)
+        calls.clear()
+        got = lm.generate(prompt, max_new_tokens=16)
+        # the prefill (and the first call's header): no verification ran the expert's layer 0
+        assert len(calls) <= 2
+        assert got.token_ids == tokens and [r.spiked for r in got.records] == spikes
+        assert got.summary.spikes > 0
+    calls.clear()
+    batched = lm.generate_batch(PROMPTS, max_new_tokens=16)
+    assert [g.token_ids for g in batched] == expected
+    assert len(calls) == 1
+
+
 def test_prompted_expert_sees_the_safety_prompt(tiny_base, tokenizer):
     lm = GuardedLM.from_models(tiny_base, tokenizer)
     assert lm.expert_kind == "prompted"

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from tiny_models import tiny_cohere
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from ngsd_guard.experts import ModelHandle, Runner
-from ngsd_guard.sides import ROOM_MIN_SLOTS, GrowingLayer, prefill
+from ngsd_guard.experts import ModelHandle, Runner, Trunk, first_adapted_layer, without_adapters
+from ngsd_guard.sides import ROOM_MIN_SLOTS, GrowingLayer, prefill, split
 
 
 def _runner(model) -> Runner:
@@ -35,7 +37,7 @@ def test_forgotten_and_compacted_slots_do_not_change_the_logits(tiny_base, monke
     width = side.mask.shape[1]
     side.reclaim()
     assert side.mask.shape[1] < width  # the dead tail was cropped or compacted
-    logits = side.feed(torch.tensor([[40], [41]]))[:, -1]
+    logits = side.feed(torch.tensor([[40], [41]])).logits[:, -1]
     assert torch.allclose(logits[0], _full(tiny_base, [*prompts[0], 20, 40]), atol=1e-4)
     assert torch.allclose(logits[1], _full(tiny_base, [*prompts[1], 30, 41]), atol=1e-4)
 
@@ -47,7 +49,7 @@ def test_rows_leave_and_join(tiny_base):
     side.select(torch.tensor([1]))
     other = prefill(runner, [[12, 13, 14, 15, 16, 17]], pad_id=2).side
     side.extend(other)
-    logits = side.feed(torch.tensor([[30], [31]]))[:, -1]
+    logits = side.feed(torch.tensor([[30], [31]])).logits[:, -1]
     assert torch.allclose(logits[0], _full(tiny_base, [8, 9, 21, 30]), atol=1e-4)
     assert torch.allclose(logits[1], _full(tiny_base, [12, 13, 14, 15, 16, 17, 31]), atol=1e-4)
 
@@ -66,7 +68,7 @@ def test_a_prefill_over_headers_gives_the_logits_and_features_of_whole_prompts(t
     assert split.side.mask.shape[1] == 4 + 3  # the widest header, then the longest rest
     assert torch.allclose(split.logits, whole.logits, atol=1e-4)
     assert torch.allclose(split.features, whole.features, atol=1e-4)
-    logits = split.side.feed(torch.tensor([[40], [41], [42]]))[:, -1]
+    logits = split.side.feed(torch.tensor([[40], [41], [42]])).logits[:, -1]
     for row, (prompt, token) in enumerate(zip(prompts, (40, 41, 42), strict=True)):
         assert torch.allclose(logits[row], _full(tiny_base, [*prompt, token]), atol=1e-4)
 
@@ -80,13 +82,13 @@ def test_a_verification_forms_the_logits_that_a_whole_forward_gives(tiny_base):
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     whole, formed = (prefill(runner, prompts, pad_id=2).side for _ in range(2))
     tokens, lengths = torch.tensor([[20, 21, 22], [30, 2, 2]]), torch.tensor([3, 1])
-    logits = whole.feed(tokens, lengths)
+    logits = whole.feed(tokens, lengths).logits
     outputs = formed.feed_outputs(tokens, lengths)
     assert outputs.states.shape == (2, 3, tiny_base.config.hidden_size)
     rows, positions = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, 0])
     assert torch.allclose(outputs.logits(rows, positions), logits[rows, positions], atol=1e-5)
     step = torch.tensor([[40], [41]])
-    assert torch.allclose(whole.feed(step), formed.feed(step), atol=1e-5)
+    assert torch.allclose(whole.feed(step).logits, formed.feed(step).logits, atol=1e-5)
 
 
 class _ScaledLlama(LlamaForCausalLM):
@@ -142,3 +144,50 @@ def test_a_growing_layer_writes_in_place_and_never_into_states_it_was_given(tiny
         buffers.add(layer.keys.data_ptr())
     assert len(buffers) == 2  # the first update's move, then one when the room ran out
     assert torch.equal(keys, given[0]) and torch.equal(values, given[1])
+
+
+def _lora(model, layers):
+    config = LoraConfig(
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        layers_to_transform=layers,
+        init_lora_weights=False,
+    )
+    return get_peft_model(copy.deepcopy(model), config).eval()
+
+
+def test_an_adapter_on_the_upper_layers_gets_a_trunk_whose_logits_are_the_experts(tiny_base):
+    """An adapter that leaves layer 0 alone: the expert's states entering layer 1 are the
+    base's, so its trunk (layer 1 on, fed those states, with a cache of layer 1 only) gives
+    the whole expert's logits, through a joint prefill and ragged feeds."""
+    assert first_adapted_layer(_lora(tiny_base, [0, 1])) == 0
+    assert Trunk.of(_runner(_lora(tiny_base, [0, 1])), _runner(tiny_base)) is None
+    expert = _lora(tiny_base, [1])
+    assert first_adapted_layer(expert) == 1
+    lora, base = _runner(expert), _runner(without_adapters(expert))
+    trunk = Trunk.of(lora, base)
+    assert trunk is not None and trunk.first == 1
+
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    both = prefill(
+        lora, prompts * 2, pad_id=2, adapter_names=["__base__"] * 2 + ["default"] * 2, hidden_at=1
+    )
+    base_half, upper = split(both, 2, (base, trunk))
+    whole = prefill(lora, prompts, pad_id=2).side  # the whole expert, every layer
+    assert len(upper.side.cache.layers) == 1 and len(whole.cache.layers) == 2
+    for row, prompt in enumerate(prompts):
+        assert torch.allclose(upper.logits[row], _full(expert, prompt), atol=1e-4)
+    tokens, lengths = torch.tensor([[20, 21, 22], [30, 2, 2]]), torch.tensor([3, 1])
+    fed = base_half.side.feed(tokens, lengths, hidden_at=1)  # the base's states at the tokens
+    assert fed.hidden is not None and fed.hidden.shape == (2, 3, tiny_base.config.hidden_size)
+    formed = upper.side.feed_outputs(fed.hidden, lengths)
+    expected = whole.feed_outputs(tokens, lengths)
+    rows, positions = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, 0])
+    assert torch.allclose(
+        formed.logits(rows, positions), expected.logits(rows, positions), atol=1e-5
+    )
+    assert torch.allclose(
+        formed.logits(torch.tensor([0]), torch.tensor([2]))[0],
+        _full(expert, [5, 6, 7, 8, 9, 20, 21, 22]),
+        atol=1e-4,
+    )
