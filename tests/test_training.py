@@ -211,6 +211,22 @@ def test_bf16_training_runs_the_forwards_in_bf16_and_still_learns(tokenizer):
     assert report.last_loss < 0.8 * report.first_loss
 
 
+def test_an_adapter_from_a_first_layer_leaves_the_layers_below_as_the_bases(tokenizer):
+    from ngsd_guard.experts import first_adapted_layer
+
+    settings = LoraSettings(r=4, lora_alpha=16, lr=5e-2, epochs=3, batch_size=5, first_layer=1)
+    model = wrap_lora(tiny_llama(3), settings)
+    trained = _trained(model)
+    assert trained and all(".layers.1." in name for name in trained)
+    train_lora(model, _tiny_examples(tokenizer), settings, pad_id=2)
+    model.eval()
+    assert first_adapted_layer(model) == 1
+    lm = GuardedLM.from_models(model, tokenizer)
+    assert lm.generate("hello", max_new_tokens=4).summary.tokens == 4
+    with pytest.raises(ConfigError, match="below the model's 2 layers"):
+        wrap_lora(tiny_llama(3), LoraSettings(first_layer=2))
+
+
 def _renderer(model, tokenizer):
     engine = GuardedLM.from_models(model, tokenizer)
 
@@ -364,6 +380,7 @@ def test_seeds_respect_the_fixed_splits():
         ["--lr", "-0.5"],
         ["--refusal-tries", "0"],
         ["--checkpoint-every", "0", "--checkpoint", "ckpt"],
+        ["--first-layer", "-1"],
     ],
 )
 def test_bad_training_settings_are_named_before_a_model_loads(tmp_path, capsys, flag):

@@ -62,6 +62,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--target-modules", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated"
     )
+    parser.add_argument(
+        "--first-layer",
+        type=int,
+        default=0,
+        help="adapt the decoder layers from this one on (counted from 0): the expert's lower "
+        "layers stay the base's, and its verifications run its own layers only",
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8, help="LoRA training batch")
@@ -349,6 +356,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         distill_weight=args.distill_weight,
         seed=args.seed,
         bf16=args.bf16,
+        first_layer=args.first_layer,
     )
     checkpoint = (
         None if args.checkpoint is None else Checkpoint(args.checkpoint, args.checkpoint_every)

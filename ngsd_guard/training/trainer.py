@@ -46,6 +46,8 @@ class LoraSettings:
     max_length: int = 1024
     seed: int = 0
     bf16: bool = False  # forwards under bf16 autocast (the losses stay fp32)
+    first_layer: int = 0  # adapt decoder layers from this one on: an expert whose lower
+    # layers are the base's verifies on its own layers only (ngsd_guard.experts.Trunk)
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -58,6 +60,8 @@ class LoraSettings:
             raise ConfigError(f"`max_length` (={self.max_length}) must be at least 2")
         if self.distill_weight < 0:
             raise ConfigError(f"`distill_weight` (={self.distill_weight}) must be >= 0")
+        if self.first_layer < 0:
+            raise ConfigError(f"`first_layer` (={self.first_layer}) must be >= 0")
 
 
 def wrap_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
@@ -65,11 +69,19 @@ def wrap_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(settings.seed)
+    layers = model.config.num_hidden_layers
+    if settings.first_layer >= layers:
+        raise ConfigError(
+            f"`first_layer` (={settings.first_layer}) must be below the model's {layers} layers"
+        )
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
+        layers_to_transform=list(range(settings.first_layer, layers))
+        if settings.first_layer
+        else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
