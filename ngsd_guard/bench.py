@@ -125,7 +125,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _base_generate(lm: GuardedLM, prompts: Sequence[str], max_new_tokens: int) -> int:
+def base_generate(lm: GuardedLM, prompts: Sequence[str], max_new_tokens: int) -> int:
     """transformers ``generate`` on the base (greedy, KV cache, left padding): new tokens,
     each row counted up to its first EOS."""
     tokenizer = lm.tokenizer
@@ -243,7 +243,7 @@ def measure_length(lm: GuardedLM, max_new_tokens: int, args: argparse.Namespace)
         for prompt in _prompts(max_new_tokens):
             _sync(lm.device)
             started = time.perf_counter()
-            base_n += _base_generate(lm, [prompt], max_new_tokens)
+            base_n += base_generate(lm, [prompt], max_new_tokens)
             _sync(lm.device)
             middle = time.perf_counter()
             summary = lm.generate(prompt, max_new_tokens=max_new_tokens).summary
@@ -326,7 +326,7 @@ def measure_batch(lm: GuardedLM, args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.repeats):
         _sync(lm.device)
         started = time.perf_counter()
-        base_n += _base_generate(lm, prompts, args.batch_tokens)
+        base_n += base_generate(lm, prompts, args.batch_tokens)
         _sync(lm.device)
         middle = time.perf_counter()
         generations = lm.generate_batch(prompts, max_new_tokens=args.batch_tokens)
@@ -462,13 +462,13 @@ def _probe(lm: GuardedLM, side: str, max_new_tokens: int, batch: int = 0) -> Non
     if batch:
         prompts = list(BATCH_PROMPTS[:batch])
         if side == "base":
-            _base_generate(lm, prompts, max_new_tokens)
+            base_generate(lm, prompts, max_new_tokens)
         else:
             lm.generate_batch(prompts, max_new_tokens=max_new_tokens)
         return
     for prompt in _prompts(max_new_tokens):
         if side == "base":
-            _base_generate(lm, [prompt], max_new_tokens)
+            base_generate(lm, [prompt], max_new_tokens)
         else:
             lm.generate(prompt, max_new_tokens=max_new_tokens)
 
@@ -485,7 +485,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if kind == "lora":
                 adapter, origin = _adapter_for(base, Path(workdir))
             lm = _load(kind, base, adapter, args)
-            _base_generate(lm, BENCH_PROMPTS[:1], 8)  # warm-up
+            base_generate(lm, BENCH_PROMPTS[:1], 8)  # warm-up
             lm.generate(BENCH_PROMPTS[0], max_new_tokens=8)
             run: dict[str, Any] = {
                 "expert_kind": kind,
