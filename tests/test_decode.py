@@ -188,7 +188,14 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
     assert not hasattr(base_q, "lora_A") and hasattr(peft_q, "lora_A")
     assert base_q.weight.data_ptr() == peft_q.base_layer.weight.data_ptr()  # one copy
     got = lm.generate(PROMPTS[0], max_new_tokens=16)
-    ids = tokenizer(lm.render(PROMPTS[0]), add_special_tokens=False)["input_ids"]
+    tokens, spikes = reference_lora_ngsd(peft_model, lm.render(PROMPTS[0]), tokenizer)
+    assert got.token_ids == tokens and [r.spiked for r in got.records] == spikes
+    assert got.summary.mean_divergence > 0
+
+
+def reference_lora_ngsd(peft_model, text, tokenizer):
+    """The reference NGSD of a LoRA expert (adapter on) over its base (adapter off), at the
+    tests' gate (tau 4, threshold 0.5), alpha 0.9, 16 tokens."""
 
     def with_adapter(enabled):
         def logits(seq):
@@ -199,7 +206,8 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
 
         return logits
 
-    tokens, spikes = reference_ngsd(
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return reference_ngsd(
         with_adapter(False),
         with_adapter(True),
         ids,
@@ -210,8 +218,6 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
         top_k=64,
         max_new=16,
     )
-    assert got.token_ids == tokens and [r.spiked for r in got.records] == spikes
-    assert got.summary.mean_divergence > 0
 
 
 @pytest.mark.parametrize("window", [1, 8])
@@ -230,30 +236,9 @@ def test_an_upper_layer_lora_expert_verifies_on_its_layers_alone(tiny_base, toke
     lower = peft_model.get_base_model().model.layers[0].self_attn.q_proj
     calls = []
     lower.register_forward_hook(lambda *_: calls.append(1))
-
-    def with_adapter(enabled):
-        def logits(seq):
-            if enabled:
-                return full_logits(peft_model)(seq)
-            with peft_model.disable_adapter():
-                return full_logits(peft_model)(seq)
-
-        return logits
-
     expected = []
     for prompt in PROMPTS:
-        ids = tokenizer(lm.render(prompt), add_special_tokens=False)["input_ids"]
-        tokens, spikes = reference_ngsd(
-            with_adapter(False),
-            with_adapter(True),
-            ids,
-            ids,
-            tau=4,
-            threshold=0.5,
-            alpha=0.9,
-            top_k=64,
-            max_new=16,
-        )
+        tokens, spikes = reference_lora_ngsd(peft_model, lm.render(prompt), tokenizer)
         expected.append(tokens)
         calls.clear()
         got = lm.generate(prompt, max_new_tokens=16)
