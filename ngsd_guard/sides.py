@@ -291,7 +291,7 @@ def prefill(
         hidden_at=hidden_at,
     )
     side = ModelSide(runner, cache, mask, positions[:, -1] + 1)
-    hidden = out.hidden[:, -1] if out.hidden is not None else None
+    hidden = out.hidden[:, -1].clone() if out.hidden is not None else None  # not a view
     return Prefill(side, out.logits[:, -1], out.features, hidden)
 
 
