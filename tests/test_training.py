@@ -44,7 +44,7 @@ from ngsd_guard.training.data import (
     save_examples,
     save_plan,
 )
-from ngsd_guard.training.expert import train_expert
+from ngsd_guard.training.expert import save_adapter_fp16, train_expert
 from ngsd_guard.training.probe import auc, cross_validated_auc, fit_blend
 from ngsd_guard.training.trainer import (
     Checkpoint,
@@ -211,7 +211,7 @@ def test_bf16_training_runs_the_forwards_in_bf16_and_still_learns(tokenizer):
     assert report.last_loss < 0.8 * report.first_loss
 
 
-def test_an_adapter_from_a_first_layer_leaves_the_layers_below_as_the_bases(tokenizer):
+def test_an_adapter_from_a_first_layer_leaves_the_layers_below_as_the_bases(tokenizer, tmp_path):
     from ngsd_guard.experts import first_adapted_layer
 
     settings = LoraSettings(r=4, lora_alpha=16, lr=5e-2, epochs=3, batch_size=5, first_layer=1)
@@ -223,6 +223,8 @@ def test_an_adapter_from_a_first_layer_leaves_the_layers_below_as_the_bases(toke
     assert first_adapted_layer(model) == 1
     lm = GuardedLM.from_models(model, tokenizer)
     assert lm.generate("hello", max_new_tokens=4).summary.tokens == 4
+    save_adapter_fp16(model, tmp_path, "tiny")  # as train-expert writes it, and reads it back
+    assert first_adapted_layer(load_trainable_adapter(tiny_llama(3), tmp_path)) == 1
     with pytest.raises(ConfigError, match="below the model's 2 layers"):
         wrap_lora(tiny_llama(3), LoraSettings(first_layer=2))
 
