@@ -489,6 +489,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             lm.generate(BENCH_PROMPTS[0], max_new_tokens=8)
             run: dict[str, Any] = {
                 "expert_kind": kind,
+                "expert_first_layer": lm.expert_first_layer,
                 "adapter": origin,
                 "device": str(lm.device),
                 "dtype": str(next(lm.base_model.parameters()).dtype).removeprefix("torch."),

@@ -279,6 +279,14 @@ class GuardedLM:
         return self._expert.kind if self._expert else None
 
     @property
+    def expert_first_layer(self) -> int:
+        """The decoder layer the expert's verifications start from: above 0 for a LoRA expert
+        on the upper layers only, fed the base's states there (:class:`~ngsd_guard.experts.
+        Trunk`); 0 when the whole expert runs."""
+        trunk = self._expert.trunk if self._expert is not None else None
+        return trunk.first if trunk is not None else 0
+
+    @property
     def base_model(self) -> torch.nn.Module:
         """The base model as the engine runs it (for a LoRA expert: without the adapter)."""
         return self._base.handle.model

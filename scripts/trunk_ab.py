@@ -45,6 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = load_tokenizer(default_model_dir())
     lms = {"every layer": expert(0, tokenizer), "upper layers": expert(args.first_layer, tokenizer)}
+    for name, lm in lms.items():
+        print(f"{name}: verifications from layer {lm.expert_first_layer}")
     reference = lms["every layer"]
     batch = list(bench.BATCH_PROMPTS)
     for lm in lms.values():  # warm-up

@@ -182,7 +182,7 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
     lm = GuardedLM.from_models(
         peft_model, tokenizer, config=GuardConfig(gate=GateConfig(tau=4, threshold=0.5))
     )
-    assert lm.expert_kind == "lora"
+    assert lm.expert_kind == "lora" and lm.expert_first_layer == 0  # layer 0 is adapted
     base_q = lm.base_model.model.layers[0].self_attn.q_proj
     peft_q = peft_model.get_base_model().model.layers[0].self_attn.q_proj
     assert not hasattr(base_q, "lora_A") and hasattr(peft_q, "lora_A")
@@ -233,6 +233,7 @@ def test_an_upper_layer_lora_expert_verifies_on_its_layers_alone(tiny_base, toke
     peft_model = get_peft_model(copy.deepcopy(tiny_base), config).eval()
     gate = GateConfig(tau=4, threshold=0.5)
     lm = GuardedLM.from_models(peft_model, tokenizer, config=GuardConfig(gate=gate, window=window))
+    assert lm.expert_first_layer == 1
     lower = peft_model.get_base_model().model.layers[0].self_attn.q_proj
     calls = []
     lower.register_forward_hook(lambda *_: calls.append(1))

@@ -38,7 +38,7 @@ def _set(name: str, label: str, requests: tuple[str, ...]) -> EvalSet:
 class FakeLM:
     """Base alone complies with everything; guarded refuses prompts that contain 'bomb'."""
 
-    model_name, expert_kind, device = "fake", "lora", "cpu"
+    model_name, expert_kind, expert_first_layer, device = "fake", "lora", 0, "cpu"
     alpha_policy = None
 
     def __init__(self):

@@ -185,6 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "command": "ngsd-guard " + shlex.join(sys.argv[1:]),
         "model": lm.model_name,
         "expert_kind": lm.expert_kind,
+        "expert_first_layer": lm.expert_first_layer,
         "alpha_policy": type(lm.alpha_policy).__name__,
         "device": str(lm.device),
         "outputs": rows,
