@@ -153,7 +153,7 @@ class Decoder:
         self.quiet_window = config.quiet_window if expert is not None else 1
         self.side_by_side = overlaps(base, expert)
         self.trunk = expert.trunk if expert is not None else None
-        self.trunk_at = self.trunk.first if self.trunk is not None else 0
+        self.trunk_at = self.trunk.first_layer if self.trunk is not None else 0
         self.results: dict[int, RowResult] = {}
         self._timing = _Timing()
         self._lock = threading.Lock()

@@ -153,6 +153,7 @@ class Runner:
     handle: ModelHandle
     vocab_size: int
     out_device: torch.device
+    first_layer = 0  # the decoder layer its forwards start from (see :class:`Trunk`)
 
     @torch.no_grad()
     def forward(
@@ -278,12 +279,12 @@ def _upper_decoder(decoder: torch.nn.Module, first: int) -> torch.nn.Module | No
 
 @dataclass
 class Trunk:
-    """A LoRA expert's decoder layers from ``first`` on (the layers its adapter changes), fed
-    the base's states entering layer ``first``: the same logits as the whole expert, for about
-    ``1 - first / layers`` of its cost, with a cache of those layers only."""
+    """A LoRA expert's decoder layers from ``first_layer`` on (the layers its adapter changes),
+    fed the base's states entering that layer: the same logits as the whole expert, for about
+    ``1 - first_layer / layers`` of its cost, with a cache of those layers only."""
 
     runner: Runner  # the whole expert's
-    first: int
+    first_layer: int
     decoder: torch.nn.Module
 
     @property
@@ -319,7 +320,7 @@ class Trunk:
         position_ids: torch.Tensor,
         cache: DynamicCache,
     ) -> Outputs:
-        """(B, T, H) states entering layer ``first`` -> the outputs at every position."""
+        """(B, T, H) states entering layer ``first_layer`` -> the outputs at every position."""
         handle = self.runner.handle
         device = handle.device
         with handle.lock:

@@ -220,9 +220,7 @@ class GuardedLM:
         vocab = min(shared_vocab_size(tokenizer, expert_tokenizer), model.config.vocab_size)
         if is_peft(model):
             base = ModelHandle(without_adapters(model))
-            lora = Runner(ModelHandle(model), vocab, base.device)
-            trunk = Trunk.of(lora, Runner(base, vocab, base.device))
-            spec = Expert(lora, "lora", trunk=trunk)
+            spec = Expert(Runner(ModelHandle(model), vocab, base.device), "lora")
         elif expert is not None:
             base = ModelHandle(model)
             vocab = min(vocab, expert.config.vocab_size)
@@ -233,11 +231,14 @@ class GuardedLM:
                 Runner(base, vocab, base.device), "prompted", safety_prompt or SAFETY_PROMPT
             )
         spec.runner.vocab_size = vocab
+        base_runner = Runner(base, vocab, base.device)
+        if spec.kind == "lora":
+            spec.trunk = Trunk.of(spec.runner, base_runner)
         eos = [tokenizer.eos_token_id, _turn_start(tokenizer)]
         configured = getattr(model.generation_config, "eos_token_id", None)
         eos += configured if isinstance(configured, list) else [configured]
         return cls(
-            Runner(base, vocab, base.device),
+            base_runner,
             spec,
             tokenizer,
             eos_ids=list(dict.fromkeys(i for i in eos if i is not None)),
@@ -284,7 +285,7 @@ class GuardedLM:
         on the upper layers only, fed the base's states there (:class:`~ngsd_guard.experts.
         Trunk`); 0 when the whole expert runs."""
         trunk = self._expert.trunk if self._expert is not None else None
-        return trunk.first if trunk is not None else 0
+        return trunk.first_layer if trunk is not None else 0
 
     @property
     def base_model(self) -> torch.nn.Module:

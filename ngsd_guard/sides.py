@@ -331,7 +331,6 @@ def split(
     halves = []
     for runner, index in zip(runners, (slice(0, rows), slice(rows, side.rows)), strict=True):
         copy = index.start > 0
-        first = runner.first if isinstance(runner, Trunk) else 0
         part = ModelSide(
             runner,
             _cache_of(
@@ -339,7 +338,7 @@ def split(
                     tuple(
                         t[index].clone() if copy else t[index] for t in (layer.keys, layer.values)
                     )
-                    for layer in side.cache.layers[first:]
+                    for layer in side.cache.layers[runner.first_layer :]
                 ]
             ),
             side.mask[index].clone(),
@@ -354,7 +353,7 @@ def split(
 def upper(prefilled: Prefill, trunk: Trunk) -> Prefill:
     """An expert's prefill as its :class:`Trunk`'s: only the cache of the trunk's layers."""
     side = prefilled.side
-    states = [(layer.keys, layer.values) for layer in side.cache.layers[trunk.first :]]
+    states = [(layer.keys, layer.values) for layer in side.cache.layers[trunk.first_layer :]]
     part = ModelSide(trunk, _cache_of(states), side.mask, side.next_position)
     return Prefill(part, prefilled.logits, prefilled.features, prefilled.hidden)
 

@@ -99,11 +99,12 @@ class Verification:
             for row, m in zip(rows, counts, strict=True)
         ]
         fed = max(len(c) for c in chunks)
-        inputs = torch.full((len(rows), fed), pad_id, dtype=torch.long)
-        for r, chunk in enumerate(chunks):
-            inputs[r, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
         if trunk and fed:
             inputs = _states(rows, counts, fed)
+        else:
+            inputs = torch.full((len(rows), fed), pad_id, dtype=torch.long)
+            for r, chunk in enumerate(chunks):
+                inputs[r, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
         drafts = [row.pending[:m] for row, m in zip(rows, counts, strict=True)]
         draft = torch.full((len(rows), width), pad_id, dtype=torch.long)
         valid = torch.zeros((len(rows), width), dtype=torch.bool)

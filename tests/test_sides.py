@@ -166,7 +166,7 @@ def test_an_adapter_on_the_upper_layers_gets_a_trunk_whose_logits_are_the_expert
     assert first_adapted_layer(expert) == 1
     lora, base = _runner(expert), _runner(without_adapters(expert))
     trunk = Trunk.of(lora, base)
-    assert trunk is not None and trunk.first == 1
+    assert trunk is not None and trunk.first_layer == 1
 
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     both = prefill(

@@ -132,11 +132,7 @@ def test_loss_mask_covers_only_the_refusal_and_distillation_only_benign():
 
 def test_tiny_training_lowers_the_loss(tokenizer):
     model = wrap_lora(tiny_llama(3), LoraSettings(r=4, lora_alpha=16, seed=0))
-    refusal = tokenizer("I'm sorry, but I cannot help.", add_special_tokens=False)["input_ids"]
-    examples = [
-        Example("refusal", "x", render_ids(tokenizer, f"bad request {i}"), refusal)
-        for i in range(4)
-    ] + [Example("benign", "y", render_ids(tokenizer, "hello"), [40, 41, 42, 2])]
+    examples = _tiny_examples(tokenizer)
     settings = LoraSettings(r=4, lora_alpha=16, lr=5e-2, epochs=15, batch_size=5, seed=0)
     report = train_lora(model, examples, settings, pad_id=2)
     assert report.steps == 15
