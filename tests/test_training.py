@@ -139,6 +139,31 @@ def test_tiny_training_lowers_the_loss(tokenizer):
     assert report.last_loss < 0.8 * report.first_loss
 
 
+def test_an_upper_layer_student_learns_its_teachers_refusals(tokenizer, tmp_path, capsys):
+    from ngsd_guard.cli import main
+
+    teacher = _perturbed_lora(3)
+    teacher.save_pretrained(tmp_path / "teacher")
+    settings = LoraSettings(
+        r=4, lora_alpha=16, lr=5e-2, epochs=15, batch_size=5, first_layer=1, teacher="t"
+    )
+    student = wrap_lora(tiny_llama(3), settings)
+    report = train_lora(
+        student,
+        _tiny_examples(tokenizer),
+        settings,
+        pad_id=2,
+        teacher=trainer.load_teacher(tiny_llama(3), tmp_path / "teacher"),
+    )
+    taught = [h["teacher_kl"] for h in report.history]
+    assert "ce" not in report.history[0]
+    assert taught[-1] < 0.5 * taught[0]
+    save_plan(_tiny_plan(), tmp_path / "plan.jsonl")
+    args = ["train-expert", "--plan", str(tmp_path / "plan.jsonl"), "--out", str(tmp_path)]
+    assert main([*args, "--teacher", str(tmp_path / "none")]) == 2
+    assert "`--teacher`" in capsys.readouterr().err
+
+
 def _tiny_examples(tokenizer) -> list[Example]:
     refusal = tokenizer("I'm sorry, but I cannot help.", add_special_tokens=False)["input_ids"]
     return [
@@ -629,6 +654,49 @@ def test_batch_loss_equals_the_full_logits_formula():
     torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kl, want_kl, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss, want_ce + 0.5 * want_kl, rtol=1e-4, atol=1e-6)
+
+
+def test_a_teacher_replaces_the_refusals_ce_by_its_kl_on_the_harmful_rows_only(tmp_path):
+    student = _perturbed_lora(7)
+    teacher_model = wrap_lora(tiny_llama(7), LoraSettings(r=4, lora_alpha=16, dropout=0.0))
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, param in teacher_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    teacher_model.save_pretrained(tmp_path / "teacher")
+    teacher = trainer.load_teacher(tiny_llama(7), tmp_path / "teacher")
+    assert not any(p.requires_grad for p in teacher.parameters())
+    examples = [
+        Example("recovery", "h", [1, 5, 9, 3], [11, 12, 90, 91], loss_start=2),
+        Example("benign", "b", [1, 2], [40, 41, 42]),
+        Example("refusal", "r", [1, 7], [90, 91, 92, 2]),
+    ]
+    batch = collate(examples, pad_id=0, max_length=64, device=torch.device("cpu"))
+    # the last prompt token through the last answer token but one, harmful rows only
+    assert batch["teach"].tolist() == [
+        [False, False, False, True, True, True, True, False],
+        [False] * 8,
+        [False, True, True, True, True, False, False, False],
+    ]
+    loss, harmful, kl = batch_loss(student, batch, distill_weight=0.5, teacher=teacher)
+    _, _, want_kl = batch_loss(student, batch, distill_weight=0.5)
+    with torch.no_grad():
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        logits = student(input_ids=ids, attention_mask=attention).logits
+        taught = teacher_model(input_ids=ids, attention_mask=attention).logits
+    mask = batch["teach"]
+    p_teacher = taught[mask].softmax(-1)
+    want = (p_teacher * (p_teacher.log() - logits[mask].log_softmax(-1))).sum(-1).mean()
+    assert want > 1e-4
+    torch.testing.assert_close(harmful, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(kl, want_kl)
+    torch.testing.assert_close(loss, want + 0.5 * want_kl, rtol=1e-4, atol=1e-6)
+    # a student that is its teacher has nothing left to learn on the harmful rows
+    _, same, _ = batch_loss(teacher_model, batch, distill_weight=0.5, teacher=teacher)
+    assert same.abs() < 1e-5
+    with pytest.raises(ConfigError, match="teacher"):
+        train_lora(student, examples, LoraSettings(r=4, teacher="x"), pad_id=0)
 
 
 def test_length_grouped_batches_cover_every_index_once_with_little_padding():

@@ -110,6 +110,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "targets; with --no-probe its probe and policy.json are kept)",
     )
     parser.add_argument(
+        "--teacher",
+        type=Path,
+        help="an expert adapter dir to distil the harmful examples from (its whole "
+        "distribution) instead of training them on the written refusals; the benign ones stay "
+        "distilled from the base",
+    )
+    parser.add_argument(
         "--bf16", action="store_true", help="LoRA forwards under bf16 autocast (CPU or CUDA)"
     )
     parser.add_argument(
@@ -357,12 +364,15 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         seed=args.seed,
         bf16=args.bf16,
         first_layer=args.first_layer,
+        teacher=None if args.teacher is None else str(args.teacher),
     )
     checkpoint = (
         None if args.checkpoint is None else Checkpoint(args.checkpoint, args.checkpoint_every)
     )
     if args.init_adapter is not None:
         require_adapter(args.init_adapter, "--init-adapter")
+    if args.teacher is not None:
+        require_adapter(args.teacher, "--teacher")
     plan = _read_plan(args, build)
     if args.save_plan is not None:
         save_plan(plan, args.save_plan)

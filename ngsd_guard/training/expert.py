@@ -24,6 +24,7 @@ from .probe import cross_validated_auc, fit_probe, probe_features
 from .trainer import (
     Checkpoint,
     LoraSettings,
+    load_teacher,
     load_trainable_adapter,
     require_adapter,
     train_lora,
@@ -86,6 +87,8 @@ def train_expert(
     init_dir = None if init_adapter is None else Path(init_adapter)
     if init_dir is not None:
         require_adapter(init_dir, "init_adapter")  # before hours of data building
+    if lora is not None and lora.teacher is not None:
+        require_adapter(lora.teacher, "teacher")
     build = build or BuildConfig()
     lora = lora or LoraSettings(seed=build.seed)
     out = Path(out)
@@ -128,11 +131,15 @@ def train_expert(
     trainable = [ex for ex in built if len(ex.input_ids) <= lora.max_length]
     stats["dropped_over_max_length"] = len(built) - len(trainable)
     record["data"] = stats
+    teacher = None if lora.teacher is None else load_teacher(model, lora.teacher)
     peft_model = (
         wrap_lora(model, lora) if init_dir is None else load_trainable_adapter(model, init_dir)
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    report = train_lora(peft_model, trainable, lora, pad_id=pad, checkpoint=checkpoint)
+    report = train_lora(
+        peft_model, trainable, lora, pad_id=pad, checkpoint=checkpoint, teacher=teacher
+    )
+    del teacher
     save_adapter_fp16(peft_model, out, base_name)
     record["training"] = {
         "steps": report.steps,

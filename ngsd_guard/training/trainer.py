@@ -1,17 +1,28 @@
 """The LoRA trainer: refusals by cross-entropy, benign anchors by distillation from the base.
 
-Per batch, with ``m`` the loss mask of the harmful rows and ``P_base`` the base's own
-next-token distribution (the same model with the adapter disabled, no gradient):
+Per batch, with ``P_base`` the base's own next-token distribution (the same model with the
+adapter disabled, no gradient):
 
 ``loss = CE(refusal tokens) + distill_weight * mean_t KL(P_base,t || P_expert,t)``
 
 where the KL runs over the benign rows from the last prompt position through the answer, in
 fp32. The KL term is what keeps the expert's distribution close to the base's on benign text,
 so that the divergence the gate watches stays low there.
+
+With a ``teacher`` (a trained expert, e.g. one on every layer distilled into one on the upper
+layers), the harmful rows are distilled from it instead of trained on the written refusals:
+
+``loss = mean_t KL(P_teacher,t || P_expert,t) + distill_weight * mean_t KL(P_base,t || P_expert,t)``
+
+with the first KL over the harmful rows from the last prompt position through the answer, so
+the student takes the teacher's whole distribution where it refuses (its first word, which
+the risk reading uses, and its recovery from a compliant prefix) while the benign anchors,
+look-alikes included, pull it to the base.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -48,6 +59,8 @@ class LoraSettings:
     bf16: bool = False  # forwards under bf16 autocast (the losses stay fp32)
     first_layer: int = 0  # adapt decoder layers from this one on: an expert whose lower
     # layers are the base's verifies on its own layers only (ngsd_guard.experts.Trunk)
+    teacher: str | None = None  # an expert adapter dir whose distributions the harmful rows
+    # are distilled from instead of the written refusals (load_teacher)
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -87,6 +100,16 @@ def wrap_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel
     return get_peft_model(model, config)
 
 
+def load_teacher(model: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
+    """A frozen copy of ``model`` (the plain base) with the expert adapter of ``adapter_dir``
+    merged in: the teacher that :func:`batch_loss` distils the harmful rows from."""
+    from peft import PeftModel
+
+    require_adapter(adapter_dir, "teacher")
+    merged = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir)).merge_and_unload()
+    return merged.requires_grad_(False).eval()
+
+
 def require_adapter(adapter_dir: str | Path, option: str) -> None:
     """Raise :class:`ConfigError`, naming ``option``, unless ``adapter_dir`` holds a peft
     adapter."""
@@ -107,14 +130,17 @@ def collate(
     examples: Sequence[Example], pad_id: int, max_length: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` (B, T), ``attention_mask``, the CE ``labels`` (-100 outside
-    the trained refusal) and the ``distill`` mask of benign positions whose next-token
-    distribution is distilled (the last prompt token through the last answer token but one)."""
+    the trained refusal), the ``distill`` mask of benign positions whose next-token
+    distribution is distilled from the base and the ``teach`` mask of harmful positions
+    distilled from a teacher (each: the last prompt token through the last answer token but
+    one)."""
     rows = [ex.input_ids[:max_length] for ex in examples]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     distill = torch.zeros((len(rows), width), dtype=torch.bool)
+    teach = torch.zeros((len(rows), width), dtype=torch.bool)
     for b, (ex, ids) in enumerate(zip(examples, rows, strict=True)):
         n = len(ids)
         input_ids[b, :n] = torch.tensor(ids)
@@ -125,44 +151,66 @@ def collate(
             distill[b, len(ex.prompt_ids) - 1 : n - 1] = True
         else:
             labels[b, first:n] = input_ids[b, first:n]
+            teach[b, len(ex.prompt_ids) - 1 : n - 1] = True
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": attention.to(device),
         "labels": labels.to(device),
         "distill": distill.to(device),
+        "teach": teach.to(device),
     }
 
 
-def batch_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], distill_weight: float):
-    """``(loss, ce, kl)`` for one batch of a peft ``model``; see the module docstring.
+def _distilled(
+    hidden: torch.Tensor, head: torch.nn.Module, teacher_logits: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``mean_t KL(softmax(teacher_logits) || softmax(head(hidden)))`` over the (B, T) ``mask``
+    of (B, T, H) ``hidden``; ``teacher_logits``: (N, V) at the N masked positions. fp32."""
+    student = F.log_softmax(head(hidden[mask]).float(), dim=-1)  # (N, V)
+    target = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+
+def batch_loss(
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    distill_weight: float,
+    teacher: PreTrainedModel | None = None,
+):
+    """``(loss, harmful term, kl)`` for one batch of a peft ``model``; the harmful term is the
+    CE on the refusals, or with ``teacher`` the KL from it; see the module docstring.
 
     The output layer runs only where a loss is taken (the refusal tokens' predecessors and the
-    distilled positions), and the teacher only over the rows that have distilled positions,
-    which saves the full ``(B, T, V)`` logits and the teacher's pass over the refusal rows.
+    distilled positions), and each teacher only over the rows it teaches, which saves the full
+    ``(B, T, V)`` logits and a teacher's pass over the other rows.
     """
     ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     head = model.get_output_embeddings()
     decoder = model.get_base_model().get_decoder()
     hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state  # (B, T, H)
-    targets = labels[:, 1:]  # (B, T-1): the token that position t predicts
-    ce_at = F.pad(targets != -100, (0, 1))  # (B, T)
-    ce = (
-        F.cross_entropy(head(hidden[ce_at]).float(), targets[targets != -100])
-        if ce_at.any()
-        else hidden.new_zeros((), dtype=torch.float32)
-    )
+    harmful = hidden.new_zeros((), dtype=torch.float32)
+    if teacher is None:
+        targets = labels[:, 1:]  # (B, T-1): the token that position t predicts
+        ce_at = F.pad(targets != -100, (0, 1))  # (B, T)
+        if ce_at.any():
+            harmful = F.cross_entropy(head(hidden[ce_at]).float(), targets[targets != -100])
+    else:
+        taught = batch["teach"]  # (B, T)
+        rows = taught.any(dim=1)  # (B,)
+        if rows.any():
+            with torch.no_grad():
+                out = teacher.get_decoder()(input_ids=ids[rows], attention_mask=attention[rows])
+                logits = teacher.get_output_embeddings()(out.last_hidden_state[taught[rows]])
+            harmful = _distilled(hidden, head, logits, taught)
     kl = hidden.new_zeros((), dtype=torch.float32)
     mask = batch["distill"]  # (B, T)
     rows = mask.any(dim=1)  # (B,)
     if distill_weight > 0 and rows.any():
         with torch.no_grad(), model.disable_adapter():
-            teacher_hidden = decoder(input_ids=ids[rows], attention_mask=attention[rows])
-            teacher = head(teacher_hidden.last_hidden_state[mask[rows]]).float()  # (N, V)
-        student = F.log_softmax(head(hidden[mask]).float(), dim=-1)  # (N, V)
-        kl = F.kl_div(
-            student, F.log_softmax(teacher, dim=-1), log_target=True, reduction="batchmean"
-        )
-    return ce + distill_weight * kl, ce.detach(), kl.detach()
+            base_hidden = decoder(input_ids=ids[rows], attention_mask=attention[rows])
+            base_logits = head(base_hidden.last_hidden_state[mask[rows]])  # (N, V)
+        kl = _distilled(hidden, head, base_logits, mask)
+    return harmful + distill_weight * kl, harmful.detach(), kl.detach()
 
 
 def length_grouped_batches(
@@ -242,9 +290,15 @@ def train_lora(
     pad_id: int,
     log_every: int = 10,
     checkpoint: Checkpoint | None = None,
+    teacher: PreTrainedModel | None = None,
 ) -> TrainReport:
     """Train the adapter of a peft ``model`` in place; deterministic under ``settings.seed``.
-    With ``checkpoint``, go on from its last save, and save every ``checkpoint.every`` steps."""
+    With ``checkpoint``, go on from its last save, and save every ``checkpoint.every`` steps.
+    ``teacher`` (:func:`load_teacher` of ``settings.teacher``) teaches the harmful rows."""
+    if (teacher is None) != (settings.teacher is None):
+        raise ConfigError(
+            f"`teacher` must be given exactly when `settings.teacher` (={settings.teacher!r}) is"
+        )
     device = next(model.parameters()).device
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
@@ -290,7 +344,7 @@ def train_lora(
             chunk = [examples[i] for i in indices]
             batch = collate(chunk, pad_id, settings.max_length, device)
             with autocast:
-                loss, ce, kl = batch_loss(model, batch, settings.distill_weight)
+                loss, harmful, kl = batch_loss(model, batch, settings.distill_weight, teacher)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -300,7 +354,7 @@ def train_lora(
                 "step": step,
                 "epoch": epoch,
                 "loss": loss.item(),
-                "ce": ce.item(),
+                "teacher_kl" if teacher is not None else "ce": harmful.item(),
                 "kl": kl.item(),
             }
             history.append(row)
