@@ -617,10 +617,11 @@ def test_train_probe_refits_the_probe_and_recalibrates_keeping_the_adapter(
     assert "holds no peft adapter" in capsys.readouterr().err
 
 
-def _perturbed_lora(seed: int):
-    """A tiny LoRA model whose adapter is not the identity (``lora_B`` drawn at random)."""
+def _perturbed_lora(seed: int, adapter_seed: int | None = None):
+    """A tiny LoRA model on ``tiny_llama(seed)`` whose adapter is not the identity (``lora_B``
+    drawn at random under ``adapter_seed``, default ``seed``)."""
     model = wrap_lora(tiny_llama(seed), LoraSettings(r=4, lora_alpha=16, dropout=0.0, seed=seed))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed if adapter_seed is None else adapter_seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -658,12 +659,7 @@ def test_batch_loss_equals_the_full_logits_formula():
 
 def test_a_teacher_replaces_the_refusals_ce_by_its_kl_on_the_harmful_rows_only(tmp_path):
     student = _perturbed_lora(7)
-    teacher_model = wrap_lora(tiny_llama(7), LoraSettings(r=4, lora_alpha=16, dropout=0.0))
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, param in teacher_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    teacher_model = _perturbed_lora(7, adapter_seed=11)  # same base, another adapter
     teacher_model.save_pretrained(tmp_path / "teacher")
     teacher = trainer.load_teacher(tiny_llama(7), tmp_path / "teacher")
     assert not any(p.requires_grad for p in teacher.parameters())
