@@ -10,6 +10,10 @@ benign items 244 on) and a random replay of the others, all outside the calibrat
 Each request is kept in its first planned context. ``--weight self_harm=3`` keeps every request
 of that category outside the calibration slice, each in up to three of its planned contexts: with
 a plan made with ``--harmful-contexts 3`` it is trained three times, each time in another one.
+``--weighted-only`` keeps the weighted categories and the replay, not the appended requests (a
+stage that teaches one category, e.g. self-harm's supportive replies, from the default plan)::
+
+    python scripts/corrective_plan.py PLAN OUT --weight self_harm=4 --weighted-only --replay 260
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ def main() -> None:
         metavar="CATEGORY=K",
         help="keep this category's requests in up to K contexts (repeatable)",
     )
+    parser.add_argument(
+        "--weighted-only",
+        action="store_true",
+        help="keep the --weight categories' requests, not the appended ones",
+    )
     args = parser.parse_args()
     try:
         weight = parse_category_counts(args.weight)
@@ -59,7 +68,7 @@ def main() -> None:
         seen[key] = seen.get(key, 0) + 1
         if seen[key] <= weight.get(planned.category, 1) and not is_holdout(key[1]):
             plan.append(planned)
-    appended = appended_requests()
+    appended = set() if args.weighted_only else appended_requests()
     new, rest = [], []
     for planned in plan:
         is_new = planned.category in weight or (
@@ -67,7 +76,8 @@ def main() -> None:
         )
         (new if is_new else rest).append(planned)
     save_plan(new + random.Random(args.seed).sample(rest, args.replay), args.out)
-    print(f"wrote {len(new)} appended and {args.replay} replayed requests to {args.out}")
+    kept = "weighted" if args.weighted_only else "appended"
+    print(f"wrote {len(new)} {kept} and {args.replay} replayed requests to {args.out}")
 
 
 if __name__ == "__main__":

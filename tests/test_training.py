@@ -156,7 +156,7 @@ def test_an_upper_layer_student_learns_its_teachers_refusals(tokenizer, tmp_path
         teacher=trainer.load_teacher(tiny_llama(3), tmp_path / "teacher"),
     )
     taught = [h["teacher_kl"] for h in report.history]
-    assert "ce" not in report.history[0]
+    assert {h["ce"] for h in report.history} == {0.0}  # no row of a written category
     assert taught[-1] < 0.5 * taught[0]
     save_plan(_tiny_plan(), tmp_path / "plan.jsonl")
     args = ["train-expert", "--plan", str(tmp_path / "plan.jsonl"), "--out", str(tmp_path)]
@@ -318,6 +318,7 @@ def test_build_dataset_on_wrapped_and_multiturn_requests(tokenizer):
             trained = tokenizer.decode(ex.response_ids[ex.loss_start :])
             assert is_refusal(trained)
             assert ("988" in trained) == (planned.category == "self_harm")
+            assert ex.category == planned.category
         if ex.kind == "recovery":
             assert 1 <= ex.loss_start <= 8
     again = build_dataset(model, tokenizer, plan, render, config)
@@ -492,7 +493,12 @@ def test_saved_examples_train_again_and_the_held_out_slice_never_trains(tokenize
     loaded = load_examples(tmp_path / "all.jsonl", tokenizer)
     assert len(loaded) == len(dataset.examples) == 7
     for ex, again in zip(dataset.examples, loaded, strict=True):
-        assert (again.kind, again.prompt, again.context) == (ex.kind, ex.prompt, ex.context)
+        assert (again.kind, again.prompt, again.context, again.category) == (
+            ex.kind,
+            ex.prompt,
+            ex.context,
+            ex.category,
+        )
         assert again.prompt_ids == ex.prompt_ids and again.loss_start == ex.loss_start
         assert tokenizer.decode(again.response_ids) == tokenizer.decode(ex.response_ids)
         if ex.kind == "refusal":
@@ -637,7 +643,9 @@ def test_batch_loss_equals_the_full_logits_formula():
         Example("refusal", "r", [1, 7], [90, 91, 92, 2]),
     ]
     batch = collate(examples, pad_id=0, max_length=64, device=torch.device("cpu"))
-    loss, ce, kl = batch_loss(model, batch, distill_weight=0.5)
+    terms = batch_loss(model, batch, distill_weight=0.5)
+    loss, ce, kl = terms.loss, terms.ce, terms.kl
+    assert terms.teacher_kl == 0
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with model.disable_adapter():
@@ -675,8 +683,10 @@ def test_a_teacher_replaces_the_refusals_ce_by_its_kl_on_the_harmful_rows_only(t
         [False] * 8,
         [False, True, True, True, True, False, False, False],
     ]
-    loss, harmful, kl = batch_loss(student, batch, distill_weight=0.5, teacher=teacher)
-    _, _, want_kl = batch_loss(student, batch, distill_weight=0.5)
+    terms = batch_loss(student, batch, distill_weight=0.5, teacher=teacher)
+    loss, harmful, kl = terms.loss, terms.teacher_kl, terms.kl
+    assert terms.ce == 0
+    want_kl = batch_loss(student, batch, distill_weight=0.5).kl
     with torch.no_grad():
         ids, attention = batch["input_ids"], batch["attention_mask"]
         logits = student(input_ids=ids, attention_mask=attention).logits
@@ -689,10 +699,42 @@ def test_a_teacher_replaces_the_refusals_ce_by_its_kl_on_the_harmful_rows_only(t
     torch.testing.assert_close(kl, want_kl)
     torch.testing.assert_close(loss, want + 0.5 * want_kl, rtol=1e-4, atol=1e-6)
     # a student that is its teacher has nothing left to learn on the harmful rows
-    _, same, _ = batch_loss(teacher_model, batch, distill_weight=0.5, teacher=teacher)
+    same = batch_loss(teacher_model, batch, distill_weight=0.5, teacher=teacher).teacher_kl
     assert same.abs() < 1e-5
     with pytest.raises(ConfigError, match="teacher"):
         train_lora(student, examples, LoraSettings(r=4, teacher="x"), pad_id=0)
+
+
+def test_a_written_category_keeps_its_ce_under_a_teacher_and_the_terms_add(tmp_path):
+    student = _perturbed_lora(7)
+    teacher_model = _perturbed_lora(7, adapter_seed=11)
+    teacher_model.save_pretrained(tmp_path / "teacher")
+    teacher = trainer.load_teacher(tiny_llama(7), tmp_path / "teacher")
+    recovery = Example("recovery", "h", [1, 5, 9, 3], [11, 12, 90, 91], loss_start=2)
+    supportive = Example("refusal", "s", [1, 7], [90, 91, 92, 2], category="self_harm")
+    benign = Example("benign", "b", [1, 2], [40, 41, 42])
+    cpu = torch.device("cpu")
+    mixed = collate([recovery, supportive, benign], 0, 64, cpu, written={"self_harm"})
+    assert not mixed["teach"][1].any() and mixed["teach"][0].any()
+    assert (mixed["labels"][1] != -100).sum() == 4  # its written reply keeps its labels
+    terms = batch_loss(student, mixed, distill_weight=0.5, teacher=teacher)
+    # each term equals the one of a batch of its own row(s): the CE of the supportive reply
+    # alone, the teacher's KL of the recovery alone, the base's KL of the benign answer alone
+    alone = {
+        "ce": batch_loss(student, collate([supportive], 0, 64, cpu), 0.5).ce,
+        "teacher_kl": batch_loss(student, collate([recovery], 0, 64, cpu), 0.5, teacher).teacher_kl,
+        "kl": batch_loss(student, collate([benign], 0, 64, cpu), 0.5).kl,
+    }
+    assert min(alone.values()) > 1e-4
+    for name, want in alone.items():
+        torch.testing.assert_close(getattr(terms, name), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        terms.loss, alone["ce"] + alone["teacher_kl"] + 0.5 * alone["kl"], rtol=1e-4, atol=1e-6
+    )
+    # the same rows without a written category: the teacher teaches the reply too, no CE
+    plain = collate([recovery, supportive, benign], 0, 64, cpu)
+    assert plain["teach"][1].any()
+    assert batch_loss(student, plain, distill_weight=0.5, teacher=teacher).ce == 0
 
 
 def test_length_grouped_batches_cover_every_index_once_with_little_padding():

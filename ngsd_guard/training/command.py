@@ -117,6 +117,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "distilled from the base",
     )
     parser.add_argument(
+        "--written-categories",
+        default="self_harm",
+        metavar="CATEGORY,...",
+        help="with --teacher, harmful categories still trained on their written answers "
+        "(self-harm's supportive replies point to help; '' for none)",
+    )
+    parser.add_argument(
         "--bf16", action="store_true", help="LoRA forwards under bf16 autocast (CPU or CUDA)"
     )
     parser.add_argument(
@@ -365,6 +372,9 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         first_layer=args.first_layer,
         teacher=None if args.teacher is None else str(args.teacher),
+        written_categories=tuple(
+            c.strip() for c in args.written_categories.split(",") if c.strip()
+        ),
     )
     checkpoint = (
         None if args.checkpoint is None else Checkpoint(args.checkpoint, args.checkpoint_every)

@@ -162,7 +162,8 @@ class Example:
     ``kind`` is ``refusal`` (prompt -> refusal), ``recovery`` (prompt -> compliant prefix ->
     refusal) or ``benign`` (prompt -> the base's own answer, distilled). Cross-entropy covers
     ``response_ids[loss_start:]`` for harmful kinds; distillation covers the last prompt
-    position and every response position for ``benign``.
+    position and every response position for ``benign``. ``category``: the request's harm
+    category (``sources.SELF_HARM``, ...; empty for benign requests).
     """
 
     kind: str
@@ -171,6 +172,7 @@ class Example:
     response_ids: list[int]
     loss_start: int = 0
     context: str = "bare"
+    category: str = ""
 
     @property
     def input_ids(self) -> list[int]:
@@ -433,18 +435,18 @@ def build_dataset(
             text = responses.choose(planned, rng)
             refusal = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
             written += 1
-        context = planned.conversation.context
+        request, context = planned.conversation.request, planned.conversation.context
         usable = comp and not is_refusal(_text(tokenizer, comp))
         if usable and rng.random() < config.recovery_rate:
             k = rng.randint(1, min(config.max_prefix, len(comp)))
             response, start = recovery_response(comp, refusal, k)
             examples.append(
-                Example("recovery", planned.conversation.request, ids, response, start, context)
+                Example("recovery", request, ids, response, start, context, planned.category)
             )
             recoveries += 1
         else:
             examples.append(
-                Example("refusal", planned.conversation.request, ids, list(refusal), 0, context)
+                Example("refusal", request, ids, list(refusal), 0, context, planned.category)
             )
     for planned, ids, answer in zip(benign, benign_ids, benign_answers, strict=True):
         examples.append(
@@ -475,14 +477,16 @@ def build_dataset(
 
 
 def save_examples(dataset: Dataset, path: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    """A JSONL of the examples in text form, one per line: ``kind``, ``context``, ``request``,
-    ``prompt`` (the rendered prompt), ``untrained`` (a recovery's compliant prefix) and
-    ``trained`` (what the loss covers). :func:`load_examples` reads it back."""
+    """A JSONL of the examples in text form, one per line: ``kind``, ``context``,
+    ``category``, ``request``, ``prompt`` (the rendered prompt), ``untrained`` (a recovery's
+    compliant prefix) and ``trained`` (what the loss covers). :func:`load_examples` reads it
+    back."""
     with Path(path).open("w") as handle:
         for ex in dataset.examples:
             row = {
                 "kind": ex.kind,
                 "context": ex.context,
+                "category": ex.category,
                 "request": ex.prompt,
                 "prompt": tokenizer.decode(ex.prompt_ids),
                 "untrained": tokenizer.decode(ex.response_ids[: ex.loss_start]),
@@ -514,6 +518,7 @@ def load_examples(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[
                 untrained + ids(row["trained"]),
                 len(untrained),
                 row.get("context", "bare"),
+                row.get("category", ""),
             )
         )
     return examples

@@ -17,7 +17,9 @@ layers), the harmful rows are distilled from it instead of trained on the writte
 with the first KL over the harmful rows from the last prompt position through the answer, so
 the student takes the teacher's whole distribution where it refuses (its first word, which
 the risk reading uses, and its recovery from a compliant prefix) while the benign anchors,
-look-alikes included, pull it to the base.
+look-alikes included, pull it to the base. The rows of ``written_categories`` (self-harm:
+the written replies point to help, where a teacher may answer with a bare refusal) keep the
+cross-entropy on their written answers, and the two harmful terms add.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from ..errors import ConfigError
+from ..sources import SELF_HARM
 from .data import Example
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,8 @@ class LoraSettings:
     # layers are the base's verifies on its own layers only (ngsd_guard.experts.Trunk)
     teacher: str | None = None  # an expert adapter dir whose distributions the harmful rows
     # are distilled from instead of the written refusals (load_teacher)
+    written_categories: tuple[str, ...] = (SELF_HARM,)  # harmful categories that keep the
+    # cross-entropy on their written answers under a teacher
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -127,13 +132,17 @@ def load_trainable_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> P
 
 
 def collate(
-    examples: Sequence[Example], pad_id: int, max_length: int, device: torch.device
+    examples: Sequence[Example],
+    pad_id: int,
+    max_length: int,
+    device: torch.device,
+    written: Container[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` (B, T), ``attention_mask``, the CE ``labels`` (-100 outside
     the trained refusal), the ``distill`` mask of benign positions whose next-token
     distribution is distilled from the base and the ``teach`` mask of harmful positions
-    distilled from a teacher (each: the last prompt token through the last answer token but
-    one)."""
+    distilled from a teacher, if one is used (each: the last prompt token through the last
+    answer token but one). Harmful rows of a category in ``written`` are never taught."""
     rows = [ex.input_ids[:max_length] for ex in examples]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -151,7 +160,7 @@ def collate(
             distill[b, len(ex.prompt_ids) - 1 : n - 1] = True
         else:
             labels[b, first:n] = input_ids[b, first:n]
-            teach[b, len(ex.prompt_ids) - 1 : n - 1] = True
+            teach[b, len(ex.prompt_ids) - 1 : n - 1] = ex.category not in written
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": attention.to(device),
@@ -171,14 +180,25 @@ def _distilled(
     return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
 
+@dataclass
+class BatchLoss:
+    """One batch's loss and its terms (fp32 scalars; ``loss`` keeps its graph)."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor  # cross-entropy on the written refusals (without a teacher: every one)
+    teacher_kl: torch.Tensor  # KL from the teacher on the taught harmful rows
+    kl: torch.Tensor  # KL from the base on the benign rows
+
+
 def batch_loss(
     model: PreTrainedModel,
     batch: dict[str, torch.Tensor],
     distill_weight: float,
     teacher: PreTrainedModel | None = None,
-):
-    """``(loss, harmful term, kl)`` for one batch of a peft ``model``; the harmful term is the
-    CE on the refusals, or with ``teacher`` the KL from it; see the module docstring.
+) -> BatchLoss:
+    """The loss of one batch of a peft ``model`` (see the module docstring): the CE on the
+    refusals of the rows no ``teacher`` teaches (without one, every harmful row), the KL from
+    ``teacher`` on the rows it does, and ``distill_weight`` times the KL from the base.
 
     The output layer runs only where a loss is taken (the refusal tokens' predecessors and the
     distilled positions), and each teacher only over the rows it teaches, which saves the full
@@ -188,21 +208,25 @@ def batch_loss(
     head = model.get_output_embeddings()
     decoder = model.get_base_model().get_decoder()
     hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state  # (B, T, H)
-    harmful = hidden.new_zeros((), dtype=torch.float32)
-    if teacher is None:
-        targets = labels[:, 1:]  # (B, T-1): the token that position t predicts
-        ce_at = F.pad(targets != -100, (0, 1))  # (B, T)
-        if ce_at.any():
-            harmful = F.cross_entropy(head(hidden[ce_at]).float(), targets[targets != -100])
-    else:
-        taught = batch["teach"]  # (B, T)
-        rows = taught.any(dim=1)  # (B,)
-        if rows.any():
-            with torch.no_grad():
-                out = teacher.get_decoder()(input_ids=ids[rows], attention_mask=attention[rows])
-                logits = teacher.get_output_embeddings()(out.last_hidden_state[taught[rows]])
-            harmful = _distilled(hidden, head, logits, taught)
-    kl = hidden.new_zeros((), dtype=torch.float32)
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    taught = batch["teach"] if teacher is not None else torch.zeros_like(batch["teach"])  # (B, T)
+    taught_rows = taught.any(dim=1)  # (B,)
+    targets = labels[:, 1:].masked_fill(taught_rows[:, None], -100)  # (B, T-1): t predicts t+1
+    ce_at = F.pad(targets != -100, (0, 1))  # (B, T)
+    ce = (
+        F.cross_entropy(head(hidden[ce_at]).float(), targets[targets != -100])
+        if ce_at.any()
+        else zero
+    )
+    teacher_kl = zero
+    if taught_rows.any():
+        with torch.no_grad():
+            out = teacher.get_decoder()(
+                input_ids=ids[taught_rows], attention_mask=attention[taught_rows]
+            )
+            logits = teacher.get_output_embeddings()(out.last_hidden_state[taught[taught_rows]])
+        teacher_kl = _distilled(hidden, head, logits, taught)
+    kl = zero
     mask = batch["distill"]  # (B, T)
     rows = mask.any(dim=1)  # (B,)
     if distill_weight > 0 and rows.any():
@@ -210,7 +234,9 @@ def batch_loss(
             base_hidden = decoder(input_ids=ids[rows], attention_mask=attention[rows])
             base_logits = head(base_hidden.last_hidden_state[mask[rows]])  # (N, V)
         kl = _distilled(hidden, head, base_logits, mask)
-    return harmful + distill_weight * kl, harmful.detach(), kl.detach()
+    return BatchLoss(
+        ce + teacher_kl + distill_weight * kl, ce.detach(), teacher_kl.detach(), kl.detach()
+    )
 
 
 def length_grouped_batches(
@@ -342,21 +368,23 @@ def train_lora(
                 step += 1
                 continue
             chunk = [examples[i] for i in indices]
-            batch = collate(chunk, pad_id, settings.max_length, device)
+            batch = collate(chunk, pad_id, settings.max_length, device, settings.written_categories)
             with autocast:
-                loss, harmful, kl = batch_loss(model, batch, settings.distill_weight, teacher)
+                terms = batch_loss(model, batch, settings.distill_weight, teacher)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            terms.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             row = {
                 "step": step,
                 "epoch": epoch,
-                "loss": loss.item(),
-                "teacher_kl" if teacher is not None else "ce": harmful.item(),
-                "kl": kl.item(),
+                "loss": terms.loss.item(),
+                "ce": terms.ce.item(),
+                "kl": terms.kl.item(),
             }
+            if teacher is not None:
+                row["teacher_kl"] = terms.teacher_kl.item()
             history.append(row)
             if step % log_every == 0:
                 logger.info("step %d/%d %s", step, total, row)
