@@ -737,6 +737,33 @@ def test_a_written_category_keeps_its_ce_under_a_teacher_and_the_terms_add(tmp_p
     assert batch_loss(student, plain, distill_weight=0.5, teacher=teacher).ce == 0
 
 
+def test_teach_benign_distils_the_benign_rows_from_the_teacher_instead_of_the_base(tmp_path):
+    student = _perturbed_lora(7)
+    teacher_model = _perturbed_lora(7, adapter_seed=11)
+    teacher_model.save_pretrained(tmp_path / "teacher")
+    teacher = trainer.load_teacher(tiny_llama(7), tmp_path / "teacher")
+    recovery = Example("recovery", "h", [1, 5, 9, 3], [11, 12, 90, 91], loss_start=2)
+    benign = Example("benign", "b", [1, 2], [40, 41, 42])
+    cpu = torch.device("cpu")
+    both = collate([recovery, benign], 0, 64, cpu, teach_benign=True)
+    assert not both["distill"].any()
+    assert both["teach"][1].tolist() == [False, True, True, True] + [False] * 4  # padded to 8
+    terms = batch_loss(student, both, distill_weight=0.5, teacher=teacher)
+    assert terms.kl == 0 and terms.ce == 0
+    # KL(teacher || student) at the benign row's three positions, by the formula
+    ids = torch.tensor([[1, 2, 40, 41, 42]])
+    with torch.no_grad():
+        p_t = torch.log_softmax(teacher(ids).logits[0, 1:4].float(), dim=-1)
+        p_s = torch.log_softmax(student(ids).logits[0, 1:4].float(), dim=-1)
+    benign_kl = (p_t.exp() * (p_t - p_s)).sum(-1)  # (3,): positions 1-3 predict 40, 41, 42
+    alone = batch_loss(student, collate([recovery], 0, 64, cpu), 0.5, teacher).teacher_kl
+    n_recovery = int(collate([recovery], 0, 64, cpu)["teach"].sum())
+    want = (alone * n_recovery + benign_kl.sum()) / (n_recovery + 3)
+    torch.testing.assert_close(terms.teacher_kl, want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="`teach_benign` needs a `teacher`"):
+        LoraSettings(teach_benign=True)
+
+
 def test_length_grouped_batches_cover_every_index_once_with_little_padding():
     rng = random.Random(0)
     lengths = [rng.randint(10, 1000) for _ in range(500)]

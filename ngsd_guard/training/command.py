@@ -124,6 +124,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "(self-harm's supportive replies point to help; '' for none)",
     )
     parser.add_argument(
+        "--teach-benign",
+        action="store_true",
+        help="with --teacher, distil the benign examples from the teacher too instead of the "
+        "base: the student copies the teacher everywhere (e.g. onto --first-layer)",
+    )
+    parser.add_argument(
         "--bf16", action="store_true", help="LoRA forwards under bf16 autocast (CPU or CUDA)"
     )
     parser.add_argument(
@@ -375,6 +381,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         written_categories=tuple(
             c.strip() for c in args.written_categories.split(",") if c.strip()
         ),
+        teach_benign=args.teach_benign,
     )
     checkpoint = (
         None if args.checkpoint is None else Checkpoint(args.checkpoint, args.checkpoint_every)

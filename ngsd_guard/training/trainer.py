@@ -19,7 +19,11 @@ the student takes the teacher's whole distribution where it refuses (its first w
 the risk reading uses, and its recovery from a compliant prefix) while the benign anchors,
 look-alikes included, pull it to the base. The rows of ``written_categories`` (self-harm:
 the written replies point to help, where a teacher may answer with a bare refusal) keep the
-cross-entropy on their written answers, and the two harmful terms add.
+cross-entropy on their written answers, and the two harmful terms add. With ``teach_benign``
+the benign rows are distilled from the teacher too instead of from the base, so that the
+student copies the teacher everywhere (``distill_weight`` then has no rows to weigh):
+
+``loss = mean_t KL(P_teacher,t || P_expert,t)`` over every row but the written ones.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class LoraSettings:
     # are distilled from instead of the written refusals (load_teacher)
     written_categories: tuple[str, ...] = (SELF_HARM,)  # harmful categories that keep the
     # cross-entropy on their written answers under a teacher
+    teach_benign: bool = False  # the teacher distils the benign rows too, instead of the base
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -80,6 +85,8 @@ class LoraSettings:
             raise ConfigError(f"`distill_weight` (={self.distill_weight}) must be >= 0")
         if self.first_layer < 0:
             raise ConfigError(f"`first_layer` (={self.first_layer}) must be >= 0")
+        if self.teach_benign and self.teacher is None:
+            raise ConfigError("`teach_benign` needs a `teacher` to distil the benign rows from")
 
 
 def wrap_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
@@ -137,12 +144,14 @@ def collate(
     max_length: int,
     device: torch.device,
     written: Container[str] = (),
+    teach_benign: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` (B, T), ``attention_mask``, the CE ``labels`` (-100 outside
     the trained refusal), the ``distill`` mask of benign positions whose next-token
     distribution is distilled from the base and the ``teach`` mask of harmful positions
     distilled from a teacher, if one is used (each: the last prompt token through the last
-    answer token but one). Harmful rows of a category in ``written`` are never taught."""
+    answer token but one). Harmful rows of a category in ``written`` are never taught; with
+    ``teach_benign`` the benign rows are taught instead of distilled from the base."""
     rows = [ex.input_ids[:max_length] for ex in examples]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -157,7 +166,7 @@ def collate(
         first = len(ex.prompt_ids) + ex.loss_start
         if ex.kind == "benign":
             # position t predicts token t+1: from the last prompt token to the answer's end
-            distill[b, len(ex.prompt_ids) - 1 : n - 1] = True
+            (teach if teach_benign else distill)[b, len(ex.prompt_ids) - 1 : n - 1] = True
         else:
             labels[b, first:n] = input_ids[b, first:n]
             teach[b, len(ex.prompt_ids) - 1 : n - 1] = ex.category not in written
@@ -186,7 +195,7 @@ class BatchLoss:
 
     loss: torch.Tensor
     ce: torch.Tensor  # cross-entropy on the written refusals (without a teacher: every one)
-    teacher_kl: torch.Tensor  # KL from the teacher on the taught harmful rows
+    teacher_kl: torch.Tensor  # KL from the teacher on the taught rows
     kl: torch.Tensor  # KL from the base on the benign rows
 
 
@@ -368,7 +377,14 @@ def train_lora(
                 step += 1
                 continue
             chunk = [examples[i] for i in indices]
-            batch = collate(chunk, pad_id, settings.max_length, device, settings.written_categories)
+            batch = collate(
+                chunk,
+                pad_id,
+                settings.max_length,
+                device,
+                settings.written_categories,
+                settings.teach_benign,
+            )
             with autocast:
                 terms = batch_loss(model, batch, settings.distill_weight, teacher)
             optimizer.zero_grad(set_to_none=True)
