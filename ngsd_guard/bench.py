@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,8 @@ from .gate import make_gate
 from .guarded import _SHIPPED_EXPERT, GuardedLM
 from .intervention import intervene
 from .loading import default_model_dir, load_model, resolve, resolve_device
+
+logger = logging.getLogger(__name__)
 
 BENCH_PROMPTS = (
     "Explain how photosynthesis works in simple terms.",
@@ -520,8 +523,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 entry["guarded_peak_mb"] = _peak_mb("guarded", kind, base, adapter, length, args)
                 entry["memory_ratio"] = entry["guarded_peak_mb"] / entry["base_peak_mb"]
                 run["lengths"].append(entry)
+                logger.info("%s, %d new tokens: %s", kind, length, entry)
             for name, measure in measurements.items():
                 run[name] = measure()
+                logger.info("%s, %s: %s", kind, name, run[name])
             runs.append(run)
             del lm
     return {**runs[0], "runs": runs}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from tiny_models import tiny_llama
 
 from ngsd_guard import GateConfig, GuardConfig, GuardedLM
 from ngsd_guard.bench import BENCH_PROMPTS, reference_generate
 from ngsd_guard.cli import main
+
+MEASURED = ("streaming", "agent", "batch", "reference", "delays")
 
 
 def test_reference_decoding_gives_the_engines_tokens(tiny_base, tiny_expert, tokenizer):
@@ -24,7 +27,8 @@ def test_reference_decoding_gives_the_engines_tokens(tiny_base, tiny_expert, tok
     assert intervened > 0
 
 
-def test_bench_reports_every_ratio_against_the_base(tokenizer, tmp_path, capsys):
+def test_bench_reports_every_ratio_against_the_base(tokenizer, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="ngsd_guard.bench")
     model_dir = tmp_path / "tiny"
     tiny_llama(0, max_positions=1024).save_pretrained(model_dir)  # room for the agent's prompt
     tokenizer.save_pretrained(model_dir)
@@ -50,3 +54,6 @@ def test_bench_reports_every_ratio_against_the_base(tokenizer, tmp_path, capsys)
     assert reference["reference_tokens"] == reference["guarded_tokens"] > 0
     assert reference["speedup"] > 0
     assert [d["max_stream_delay"] for d in report["delays"]] == [None, 0.05]
+    # each figure is logged as it is measured, so a run cut short still tells what it had
+    logged = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "ngsd_guard.bench"]
+    assert logged == [f"lora, {name}" for name in ("8 new tokens", *MEASURED)]
