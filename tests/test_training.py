@@ -665,11 +665,18 @@ def test_batch_loss_equals_the_full_logits_formula():
     torch.testing.assert_close(loss, want_ce + 0.5 * want_kl, rtol=1e-4, atol=1e-6)
 
 
+def _student_and_teacher(directory: Path):
+    """A perturbed tiny LoRA student and, on the same base with another adapter, its teacher
+    (saved under ``directory`` and loaded as :func:`trainer.load_teacher` does), and the
+    teacher's peft model."""
+    teacher_model = _perturbed_lora(7, adapter_seed=11)
+    teacher_model.save_pretrained(directory / "teacher")
+    teacher = trainer.load_teacher(tiny_llama(7), directory / "teacher")
+    return _perturbed_lora(7), teacher, teacher_model
+
+
 def test_a_teacher_replaces_the_refusals_ce_by_its_kl_on_the_harmful_rows_only(tmp_path):
-    student = _perturbed_lora(7)
-    teacher_model = _perturbed_lora(7, adapter_seed=11)  # same base, another adapter
-    teacher_model.save_pretrained(tmp_path / "teacher")
-    teacher = trainer.load_teacher(tiny_llama(7), tmp_path / "teacher")
+    student, teacher, teacher_model = _student_and_teacher(tmp_path)
     assert not any(p.requires_grad for p in teacher.parameters())
     examples = [
         Example("recovery", "h", [1, 5, 9, 3], [11, 12, 90, 91], loss_start=2),
@@ -706,10 +713,7 @@ def test_a_teacher_replaces_the_refusals_ce_by_its_kl_on_the_harmful_rows_only(t
 
 
 def test_a_written_category_keeps_its_ce_under_a_teacher_and_the_terms_add(tmp_path):
-    student = _perturbed_lora(7)
-    teacher_model = _perturbed_lora(7, adapter_seed=11)
-    teacher_model.save_pretrained(tmp_path / "teacher")
-    teacher = trainer.load_teacher(tiny_llama(7), tmp_path / "teacher")
+    student, teacher, _ = _student_and_teacher(tmp_path)
     recovery = Example("recovery", "h", [1, 5, 9, 3], [11, 12, 90, 91], loss_start=2)
     supportive = Example("refusal", "s", [1, 7], [90, 91, 92, 2], category="self_harm")
     benign = Example("benign", "b", [1, 2], [40, 41, 42])
@@ -738,10 +742,7 @@ def test_a_written_category_keeps_its_ce_under_a_teacher_and_the_terms_add(tmp_p
 
 
 def test_teach_benign_distils_the_benign_rows_from_the_teacher_instead_of_the_base(tmp_path):
-    student = _perturbed_lora(7)
-    teacher_model = _perturbed_lora(7, adapter_seed=11)
-    teacher_model.save_pretrained(tmp_path / "teacher")
-    teacher = trainer.load_teacher(tiny_llama(7), tmp_path / "teacher")
+    student, teacher, _ = _student_and_teacher(tmp_path)
     recovery = Example("recovery", "h", [1, 5, 9, 3], [11, 12, 90, 91], loss_start=2)
     benign = Example("benign", "b", [1, 2], [40, 41, 42])
     cpu = torch.device("cpu")
