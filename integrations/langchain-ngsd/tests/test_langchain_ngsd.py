@@ -9,6 +9,7 @@ import operator
 from typing import Annotated, Any
 
 import pytest
+from langchain_core.exceptions import ModelRefusalError
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -244,16 +245,29 @@ def test_forced_named_tool_call_streams_tool_call_chunks() -> None:
     assert rendered[2] == {"role": "tool", "content": result.content, "tool_call_id": call["id"]}
 
 
-def test_structured_output_json_schema_is_always_valid() -> None:
-    class Person(TypedDict):
-        name: str
-        age: int
+class Person(TypedDict):
+    name: str
+    age: int
 
+
+def test_structured_output_json_schema_is_always_valid() -> None:
     llm = ChatNGSD(max_tokens=24)
     person = llm.with_structured_output(Person).invoke("Invent a person.")
     assert set(person) == {"name", "age"} and isinstance(person["age"], int)
     raw = llm.with_structured_output(Person, include_raw=True).invoke("Invent a person.")
     assert raw["parsing_error"] is None and raw["parsed"] == json.loads(raw["raw"].content)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ModelRefusalError,
+    reason="a known false positive of the shipped expert (issue 8): the blend reads this benign "
+    "placeholder record high (alpha 0.9) and the expert turns the record into a refusal",
+)
+def test_structured_output_of_a_benign_placeholder_record_is_not_refused() -> None:
+    llm = ChatNGSD(max_tokens=24).with_structured_output(Person)
+    person = llm.invoke("Make up a customer record for a test.")
+    assert set(person) == {"name", "age"}
 
 
 # ------------------------------------------------------------------ completion model
