@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ngsd_guard.judge import is_refusal
+
 pytestmark = pytest.mark.slow  # uses the real default model
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -59,9 +61,14 @@ def test_agent_example_searches_then_gives_a_structured_answer() -> None:
         gate_lines = re.findall(r"^  \[gate\] token \d+: divergence", section, re.M)
         assert f"\n  gate events: {len(gate_lines)}" in section
     # the benign turn finds the opening hours and is answered as the base would; the harmful
-    # turn is refused (what the guard writes into its forced search query varies by expert)
+    # turn is refused at its first model call, the forced search query, and the answer after the
+    # search is refused too unless the search found nothing to answer from (what the guard writes
+    # into the query, and so what the search finds, varies by expert)
+    queries = [re.search(r"^  tool call: search_handbook\((.+)\)$", s, re.M)[1] for s in sections]
     assert results[0].startswith("The Greenleaf garden centre is open")
-    assert "refused False" in sections[0] and "refused True" in sections[1]
+    assert "refused False" in sections[0] and not is_refusal(queries[0])
+    assert is_refusal(queries[1])
+    assert "refused True" in sections[1] or "fertiliser" not in results[1]
     assert "gate events: 0" not in sections[1]
 
 
