@@ -9,10 +9,8 @@ Every iteration, for all active rows at once:
    drafts in one forward, and the gate replays over them (:func:`ngsd_guard.replay.replay`).
    A small verification runs on a worker thread while the base goes on drafting, where the
    two forwards can run side by side (:func:`overlaps`: a GPU, or the expert on a device of
-   its own) or where every row in it is quiet (alpha 0: its drafts cannot be cut, so the
-   steps beside it are never thrown away); a large one (more than
-   :data:`OVERLAP_MAX_TOKENS` tokens), or one of an active row on the CPU both models share,
-   runs between two steps. Once it is done, a row keeps
+   its own); a large one (more than :data:`OVERLAP_MAX_TOKENS` tokens), or any one when both
+   models share the CPU's cores, runs between two steps. Once it is done, a row keeps
    its drafts up to the first one the gate replaces; the replaced token is kept, and every
    later draft leaves both caches (and the matcher rewinds them).
 3. *Step*: the base is fed each row's newest token, one forward for the batch.
@@ -22,9 +20,9 @@ capped by ``config.window``, or by ``config.quiet_window`` while its alpha is 0;
 an intervention, doubled after a verification that kept every draft), when it cannot draft
 further (EOS, a complete constraint, the token budget), or when waiting one more step would
 keep it silent for longer than ``config.max_stream_delay``, predicted from the step and
-verification times measured in the call. A verification covers every row's oldest drafts,
-up to as many as the most-loaded due row holds: the forward is paid anyway, and one busy row
-never cuts another's drafts.
+verification times measured so far (:class:`Timing`, shared by a model's calls). A
+verification covers every row's oldest drafts, up to as many as the most-loaded due row
+holds: the forward is paid anyway, and one busy row never cuts another's drafts.
 
 The prompts are fed to both models when a row is admitted (in one forward for a LoRA expert),
 so the first token needs no expert forward of its own. Whatever the schedule, the tokens are
@@ -76,46 +74,55 @@ the device, so it runs between two steps instead."""
 
 
 def overlaps(base: Runner, expert: Expert | None) -> bool:
-    """Whether any small verification may run beside the base's steps: not when both models
-    run on the same CPU, where the two forwards compete for the same cores. There only a
-    quiet one does: beside an active row's verification, a step that the verification cuts
-    is thrown away, and it slows the verification down (on 2 cores, running an active row's
-    verifications between the steps brought ``ngsd-guard bench``'s 64-token ``time_ratio``,
-    whose one refusal holds 8 interventions in 13 tokens, from 1.18 to 1.10–1.15)."""
+    """Whether a small verification may run beside the base's steps: not when both models run
+    on the same CPU, where the two forwards compete for the same cores. On 2 cores a step
+    beside a verification that cuts its drafts is thrown away, and even where none can cut
+    (a row at alpha 0) the two side by side are slower than one after the other: the
+    ``ngsd-guard bench`` prompts streamed at ``max_stream_delay`` 0.3 s took 2.1–2.2 times the
+    base alone's time per token with a quiet row's verifications beside the steps, 1.6 with
+    them between."""
     if expert is None:
         return False
     return base.handle.device.type != "cpu" or expert.runner.handle.device != base.handle.device
 
 
-class _Timing:
+class Timing:
     """Online estimates of the seconds a base step and an expert verification take: a moving
-    mean plus twice the moving mean deviation (Jacobson's round-trip-time estimator), so that
-    a prediction is rarely too short."""
+    mean plus four times the moving mean deviation (Jacobson and Karels' retransmission
+    timeout, RFC 6298: ``m ← m + (x − m)/8``, ``d ← d + (|x − m| − d)/4``, estimate
+    ``m + 4·d``, ``d`` from the old ``m``), so that a prediction is rarely too short. A
+    model's calls share one (``GuardedLM`` holds it): the times belong to the hardware and
+    the models, and a stream that started from a guess would verify early and often until
+    the guess had decayed."""
 
     def __init__(self) -> None:
         self._mean: dict[str, float] = {}
         self._deviation: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def observe(self, name: str, seconds: float) -> None:
-        if name not in self._mean:
-            self._mean[name], self._deviation[name] = seconds, seconds / 2
-            return
-        error = seconds - self._mean[name]
-        self._mean[name] += 0.125 * error
-        self._deviation[name] += 0.25 * (abs(error) - self._deviation[name])
+        with self._lock:
+            if name not in self._mean:
+                self._mean[name], self._deviation[name] = seconds, seconds / 2
+                return
+            error = seconds - self._mean[name]
+            self._mean[name] += 0.125 * error
+            self._deviation[name] += 0.25 * (abs(error) - self._deviation[name])
 
     def estimate(self, name: str) -> float | None:
-        if name not in self._mean:
-            return None
-        return self._mean[name] + 2.0 * self._deviation[name]
+        with self._lock:
+            if name not in self._mean:
+                return None
+            return self._mean[name] + 4.0 * self._deviation[name]
 
-    def wait_added(self) -> float:
+    def wait_added(self, beside: bool) -> float:
         """How long after now the tokens of a verification put off by one step would reach
-        the stream: that step, the verification, and up to one more step before the loop
-        sees it finished (it runs beside the base's steps)."""
+        the stream: that step and the verification, and, where it runs ``beside`` the
+        base's steps, up to one more step before the loop sees it finished."""
         step = self.estimate("step") or 0.0
         verify = self.estimate("verify")
-        return 2.0 * step + (verify if verify is not None else 2.0 * step)
+        verify = verify if verify is not None else 2.0 * step
+        return (2.0 if beside else 1.0) * step + verify
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,7 @@ class Decoder:
         assess: Assess,
         features: PromptFeatures | None,
         prefixes: PrefixCache | None = None,
+        timing: Timing | None = None,
     ) -> None:
         self.base, self.expert, self.config = base, expert, config
         self.prefixes = prefixes
@@ -155,7 +163,7 @@ class Decoder:
         self.trunk = expert.trunk if expert is not None else None
         self.trunk_at = self.trunk.first_layer if self.trunk is not None else 0
         self.results: dict[int, RowResult] = {}
-        self._timing = _Timing()
+        self._timing = timing or Timing()
         self._lock = threading.Lock()
         self._queued: list[RowSpec] = []
         self._cancelled: set[int] = set()
@@ -191,7 +199,7 @@ class Decoder:
     def records(self) -> Generator[StepRecord, None, dict[int, RowResult]]:
         """Yield one StepRecord per kept token, row by row as rows are verified; return each
         row's result by row index."""
-        worker = ThreadPoolExecutor(1, "ngsd-verify") if self.expert is not None else None
+        worker = ThreadPoolExecutor(1, "ngsd-verify") if self.side_by_side else None
         try:
             while True:
                 with self._lock:
@@ -214,14 +222,14 @@ class Decoder:
                     if specs:
                         self._admit(specs)
                 self._draft()
-                if worker is None:
+                if self.expert is None:
                     yield from self._keep_drafts()
                 elif self._running is None:
                     job = self._next_verification()
-                    if job is not None and self._overlapped(job):
+                    if job is not None and worker is not None and self._overlapped(job):
                         self._running = _Running(job, worker.submit(self._verify, job))
-                    elif job is not None:  # free (scored by the prefill), too large, or an
-                        result, seconds = self._verify(job)  # active row's on a shared CPU
+                    elif job is not None:  # free (scored by the prefill), too large, or on
+                        result, seconds = self._verify(job)  # a CPU both models share
                         if job.fed_tokens:
                             self._timing.observe("verify", seconds)
                         yield from self._settle(job, result)
@@ -233,9 +241,7 @@ class Decoder:
 
     def _overlapped(self, job: Verification) -> bool:
         """Whether ``job`` runs beside the base's steps (see :func:`overlaps`)."""
-        if not 0 < job.fed_tokens <= OVERLAP_MAX_TOKENS:
-            return False
-        return self.side_by_side or all(row.quiet for row in job.verified_rows)
+        return self.side_by_side and 0 < job.fed_tokens <= OVERLAP_MAX_TOKENS
 
     def _stalled(self) -> bool:
         """True when no row can draft or be stepped before the running verification ends."""
@@ -478,7 +484,7 @@ class Decoder:
         """The drafts to verify now, or None when no row is due."""
         now = time.perf_counter()
         delay = self.config.max_stream_delay
-        wait_added = self._timing.wait_added()
+        wait_added = self._timing.wait_added(beside=self.side_by_side)
         width = 0
         for row in self._rows:
             if row.finished or not row.pending:

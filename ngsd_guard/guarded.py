@@ -17,7 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from .alpha import AlphaPolicy, Assessment, FixedAlpha
 from .config import DecodingConfig, GuardConfig
 from .constraints import TokenConstraint
-from .decode import Decoder
+from .decode import Decoder, Timing
 from .errors import (
     ConfigError,
     ContextTooLongError,
@@ -99,15 +99,18 @@ class GuardedLM:
         alpha_policy: AlphaPolicy | None = None,
         model_name: str = "model",
         prefixes: PrefixCache | None = None,
+        timing: Timing | None = None,
     ) -> None:
         """Use :meth:`from_default`, :meth:`from_pretrained` or :meth:`from_models`.
-        ``prefixes``: a prompt-header cache of these same models to share (:meth:`with_options`)."""
+        ``prefixes``, ``timing``: a prompt-header cache and the step and verification times
+        of these same models, to share (:meth:`with_options`)."""
         self.tokenizer = tokenizer
         self.config = config or GuardConfig()
         budget = self.config.prefix_cache_tokens
         if prefixes is None or prefixes.max_tokens != budget:
             prefixes = PrefixCache(budget)
         self._prefixes = prefixes
+        self._timing = timing or Timing()
         self.alpha_policy = alpha_policy
         self.model_name = model_name
         self._base = base
@@ -134,6 +137,7 @@ class GuardedLM:
             alpha_policy=alpha_policy or self.alpha_policy,
             model_name=self.model_name,
             prefixes=self._prefixes,
+            timing=self._timing,
         )
 
     # ------------------------------------------------------------------ construction
@@ -646,6 +650,7 @@ class BatchStream:
             assess=_unguarded if unread else lm._assess,
             features=None if unread else features,
             prefixes=lm._prefixes if lm.config.prefix_cache_tokens else None,
+            timing=lm._timing,
         )
         for request in requests:
             self.add(request)

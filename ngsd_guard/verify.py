@@ -131,11 +131,6 @@ class Verification:
         )
 
     @property
-    def verified_rows(self) -> list[Row]:
-        """The rows with at least one draft in this verification."""
-        return [row for row, m in zip(self.rows, self.counts, strict=True) if m]
-
-    @property
     def fed(self) -> int:
         """The widest row's expert feed (0: the prefill scored every verified draft)."""
         return self.inputs.shape[1]

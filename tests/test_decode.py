@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from ngsd_guard import GateConfig, GenerationRequest, GuardConfig, GuardedLM, InterventionConfig
 from ngsd_guard.alpha import Assessment
-from ngsd_guard.decode import FIRST_ACTIVE_WINDOW, OVERLAP_MAX_TOKENS, Decoder, overlaps
+from ngsd_guard.decode import FIRST_ACTIVE_WINDOW, OVERLAP_MAX_TOKENS, Decoder, Timing, overlaps
 
 PROMPTS = ["Tell me a story about a dragon.", "Hi", "What is the capital of France, please?"]
 
@@ -495,12 +495,14 @@ def test_quiet_rows_verify_in_long_windows_until_they_escalate(
     assert jobs[1][1] <= FIRST_ACTIVE_WINDOW
 
 
-def test_on_one_cpu_only_quiet_rows_verify_beside_the_base(
-    tiny_base, tiny_expert, tokenizer, monkeypatch
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_small_verifications_run_beside_the_base_only_where_the_forwards_can(
+    tiny_base, tiny_expert, tokenizer, monkeypatch, side_by_side
 ):
-    """Small verifications (the delay bound keeps them small) of a row at alpha 0 run on the
-    worker thread beside the base's steps; an active row's run on the loop's thread, between
-    steps. Both give the tokens of step-by-step decoding."""
+    """Small verifications (the delay bound keeps them small) run on the worker thread beside
+    the base's steps where the two forwards can run side by side (:func:`overlaps`, here
+    forced), and on the loop's thread, between steps, where both models share the CPU. Quiet
+    rows (alpha 0) and active ones give the tokens of step-by-step decoding either way."""
     threads = []  # the thread of each small verification that feeds the expert
     verify = Decoder._verify
 
@@ -510,6 +512,7 @@ def test_on_one_cpu_only_quiet_rows_verify_beside_the_base(
         return verify(self, job)
 
     monkeypatch.setattr(Decoder, "_verify", spy)
+    monkeypatch.setattr("ngsd_guard.decode.overlaps", lambda base, expert: side_by_side)
     gate = GateConfig(threshold=0.8)
     lm = guarded(tiny_base, tokenizer, tiny_expert, gate=gate, max_stream_delay=1e-6)
     step = guarded(tiny_base, tokenizer, tiny_expert, gate=gate, window=1)
@@ -521,13 +524,31 @@ def test_on_one_cpu_only_quiet_rows_verify_beside_the_base(
         ).token_ids
         # how many depends on timing: the base drafts on while a verification runs
         assert len(threads) >= 2, threads
-        assert {name.startswith("ngsd-verify") for name in threads} == {alpha == 0.0}, threads
+        assert {name.startswith("ngsd-verify") for name in threads} == {side_by_side}, threads
+
+
+def test_timing_is_jacobson_karels_and_the_wait_counts_a_step_more_beside_the_base():
+    """``m ← m + (x − m)/8``, ``d ← d + (|x − m| − d)/4`` from ``m = x₀, d = x₀/2``;
+    estimate ``m + 4·d``; putting a verification off adds a step and the verification, and
+    one step more where it runs beside the base's steps."""
+    timing = Timing()
+    assert timing.estimate("step") is None
+    timing.observe("step", 0.1)
+    assert timing.estimate("step") == pytest.approx(0.1 + 4 * 0.05)
+    timing.observe("step", 0.2)
+    mean, deviation = 0.1 + 0.1 / 8, 0.05 + (0.1 - 0.05) / 4
+    step = mean + 4 * deviation
+    assert timing.estimate("step") == pytest.approx(step)
+    assert timing.wait_added(beside=False) == pytest.approx(3 * step)  # unmeasured verify: 2 steps
+    timing.observe("verify", 0.3)
+    assert timing.wait_added(beside=False) == pytest.approx(step + 0.3 + 4 * 0.15)
+    assert timing.wait_added(beside=True) == pytest.approx(2 * step + 0.3 + 4 * 0.15)
 
 
 def test_verifications_overlap_the_base_only_where_the_forwards_can_run_side_by_side():
-    """Both models on one CPU share its cores: their forwards run one after the other (but
-    for quiet rows'). On a GPU, or with the expert on a device of its own, any small
-    verification runs beside the steps."""
+    """Both models on one CPU share its cores: their forwards run one after the other. On a
+    GPU, or with the expert on a device of its own, any small verification runs beside the
+    steps."""
 
     def runner(device: str) -> SimpleNamespace:
         return SimpleNamespace(handle=SimpleNamespace(device=torch.device(device)))
