@@ -86,41 +86,69 @@ def overlaps(base: Runner, expert: Expert | None) -> bool:
     return base.handle.device.type != "cpu" or expert.runner.handle.device != base.handle.device
 
 
-class Timing:
-    """Online estimates of the seconds a base step and an expert verification take: a moving
-    mean plus four times the moving mean deviation (Jacobson and Karels' retransmission
-    timeout, RFC 6298: ``m ← m + (x − m)/8``, ``d ← d + (|x − m| − d)/4``, estimate
-    ``m + 4·d``, ``d`` from the old ``m``), so that a prediction is rarely too short. A
-    model's calls share one (``GuardedLM`` holds it): the times belong to the hardware and
-    the models, and a stream that started from a guess would verify early and often until
-    the guess had decayed."""
+class LinearCost:
+    """An online estimate of the seconds a forward takes over ``n`` rows or tokens: a line
+    ``a + b·n`` fitted by exponentially weighted least squares (each observation's weight
+    decays by 7/8 per later one, so the fit follows the machine), plus four times the moving
+    mean deviation of the fit's errors (Jacobson and Karels' retransmission timeout, RFC 6298:
+    ``d ← d + (|x − x̂| − d)/4`` from ``d = x₀/2``), so that a prediction is rarely too short.
+    Until two sizes have been seen, ``b = 0``; ``b`` is never negative."""
+
+    DECAY = 0.875
 
     def __init__(self) -> None:
-        self._mean: dict[str, float] = {}
-        self._deviation: dict[str, float] = {}
+        self._sums = [0.0] * 5  # Σw, Σw·n, Σw·n², Σw·x, Σw·n·x
+        self._deviation: float | None = None
+
+    def observe(self, n: int, seconds: float) -> None:
+        if self._deviation is None:
+            self._deviation = seconds / 2
+        else:
+            error = abs(seconds - self._line(n))
+            self._deviation += 0.25 * (error - self._deviation)
+        terms = (1.0, n, n * n, seconds, n * seconds)
+        self._sums = [self.DECAY * s + t for s, t in zip(self._sums, terms, strict=True)]
+
+    def estimate(self, n: int) -> float | None:
+        """The predicted seconds at ``n`` (None before any observation)."""
+        if self._deviation is None:
+            return None
+        return self._line(n) + 4.0 * self._deviation
+
+    def _line(self, n: int) -> float:
+        w, wn, wnn, wx, wnx = self._sums
+        spread = w * wnn - wn * wn
+        slope = max(0.0, (w * wnx - wn * wx) / spread) if spread > 1e-9 * w * wnn else 0.0
+        return (wx - slope * wn) / w + slope * n
+
+
+class Timing:
+    """How long a base step (by the batch's rows) and an expert verification (by the tokens
+    it feeds) take, each a :class:`LinearCost`: a 64-token window costs several times a
+    4-token one. A model's calls share one (``GuardedLM`` holds it): the times belong to the
+    hardware and the models, and a stream that started from a guess would verify early and
+    often until the guess had decayed."""
+
+    def __init__(self) -> None:
+        self._step, self._verify = LinearCost(), LinearCost()
         self._lock = threading.Lock()
 
-    def observe(self, name: str, seconds: float) -> None:
+    def observe_step(self, rows: int, seconds: float) -> None:
         with self._lock:
-            if name not in self._mean:
-                self._mean[name], self._deviation[name] = seconds, seconds / 2
-                return
-            error = seconds - self._mean[name]
-            self._mean[name] += 0.125 * error
-            self._deviation[name] += 0.25 * (abs(error) - self._deviation[name])
+            self._step.observe(rows, seconds)
 
-    def estimate(self, name: str) -> float | None:
+    def observe_verification(self, tokens: int, seconds: float) -> None:
         with self._lock:
-            if name not in self._mean:
-                return None
-            return self._mean[name] + 4.0 * self._deviation[name]
+            self._verify.observe(tokens, seconds)
 
-    def wait_added(self, beside: bool) -> float:
-        """How long after now the tokens of a verification put off by one step would reach
-        the stream: that step and the verification, and, where it runs ``beside`` the
-        base's steps, up to one more step before the loop sees it finished."""
-        step = self.estimate("step") or 0.0
-        verify = self.estimate("verify")
+    def wait_added(self, *, rows: int, tokens: int, beside: bool) -> float:
+        """How long after now the tokens of a verification put off by one step (then feeding
+        ``tokens``) would reach the stream: that step and the verification, and, where it
+        runs ``beside`` the base's steps, up to one more step before the loop sees it
+        finished. An unmeasured verification counts as two steps."""
+        with self._lock:
+            step = self._step.estimate(rows) or 0.0
+            verify = self._verify.estimate(tokens)
         verify = verify if verify is not None else 2.0 * step
         return (2.0 if beside else 1.0) * step + verify
 
@@ -215,7 +243,7 @@ class Decoder:
                 if running is not None and (running.future.done() or self._stalled()):
                     result, seconds = running.future.result()
                     self._running = None
-                    self._timing.observe("verify", seconds)
+                    self._timing.observe_verification(running.job.fed_tokens, seconds)
                     yield from self._settle(running.job, result)
                 if self._running is None:
                     self._leave()
@@ -231,7 +259,7 @@ class Decoder:
                     elif job is not None:  # free (scored by the prefill), too large, or on
                         result, seconds = self._verify(job)  # a CPU both models share
                         if job.fed_tokens:
-                            self._timing.observe("verify", seconds)
+                            self._timing.observe_verification(job.fed_tokens, seconds)
                         yield from self._settle(job, result)
                 self._step()
         finally:
@@ -298,8 +326,6 @@ class Decoder:
                 )
                 if self.trunk is not None:
                     expert_pre = upper(expert_pre, self.trunk)
-        if self._timing.estimate("verify") is None:  # a prompt's forward: a first guess
-            self._timing.observe("verify", time.perf_counter() - admitted)
         read = prompt_features(features, base_pre, expert_pre) if features is not None else None
         assessments = self._assessments(specs, read)
         device = self.base.out_device
@@ -484,11 +510,14 @@ class Decoder:
         """The drafts to verify now, or None when no row is due."""
         now = time.perf_counter()
         delay = self.config.max_stream_delay
-        wait_added = self._timing.wait_added(beside=self.side_by_side)
+        drafting = [row for row in self._rows if not row.finished and row.pending]
+        wait_added = self._timing.wait_added(
+            rows=len(self._rows),
+            tokens=sum(len(row.pending) + 1 for row in drafting),
+            beside=self.side_by_side,
+        )
         width = 0
-        for row in self._rows:
-            if row.finished or not row.pending:
-                continue
+        for row in drafting:
             # Put off, the row's next tokens would reach the stream after this much silence.
             late = delay is not None and now - row.streamed_at + wait_added > delay
             free = row.expert_logits is not None and len(row.pending) == 1  # scored by prefill
@@ -584,7 +613,7 @@ class Decoder:
         fed = self._base_side.feed(
             tokens, torch.tensor(feeding, dtype=torch.long), hidden_at=self.trunk_at
         )
-        self._timing.observe("step", time.perf_counter() - started)
+        self._timing.observe_step(len(self._rows), time.perf_counter() - started)
         logits = fed.logits[:, -1]
         hidden = fed.hidden[:, -1] if fed.hidden is not None else None
         for r, row in enumerate(self._rows):

@@ -12,7 +12,14 @@ from peft import LoraConfig, get_peft_model
 
 from ngsd_guard import GateConfig, GenerationRequest, GuardConfig, GuardedLM, InterventionConfig
 from ngsd_guard.alpha import Assessment
-from ngsd_guard.decode import FIRST_ACTIVE_WINDOW, OVERLAP_MAX_TOKENS, Decoder, Timing, overlaps
+from ngsd_guard.decode import (
+    FIRST_ACTIVE_WINDOW,
+    OVERLAP_MAX_TOKENS,
+    Decoder,
+    LinearCost,
+    Timing,
+    overlaps,
+)
 
 PROMPTS = ["Tell me a story about a dragon.", "Hi", "What is the capital of France, please?"]
 
@@ -527,22 +534,37 @@ def test_small_verifications_run_beside_the_base_only_where_the_forwards_can(
         assert {name.startswith("ngsd-verify") for name in threads} == {side_by_side}, threads
 
 
-def test_timing_is_jacobson_karels_and_the_wait_counts_a_step_more_beside_the_base():
-    """``m ← m + (x − m)/8``, ``d ← d + (|x − m| − d)/4`` from ``m = x₀, d = x₀/2``;
-    estimate ``m + 4·d``; putting a verification off adds a step and the verification, and
-    one step more where it runs beside the base's steps."""
+def test_linear_cost_fits_a_weighted_line_with_a_jacobson_karels_margin():
+    """``x̂(n) = a + b·n`` by least squares with weights 7/8 per later observation; margin
+    ``4·d`` with ``d = x₀/2``, then ``d ← d + (|x − x̂(n)| − d)/4``; ``b = 0`` from one size,
+    never below 0."""
+    cost = LinearCost()
+    assert cost.estimate(1) is None
+    cost.observe(1, 0.1)
+    assert cost.estimate(9) == pytest.approx(0.1 + 4 * 0.05)  # one size: flat
+    cost.observe(5, 0.3)  # two sizes: the line through both, b = 0.05
+    deviation = 0.05 + (abs(0.3 - 0.1) - 0.05) / 4
+    assert cost.estimate(9) == pytest.approx(0.05 + 0.05 * 9 + 4 * deviation)
+    falling = LinearCost()
+    falling.observe(1, 0.3)
+    falling.observe(5, 0.1)  # cheaper when larger: noise, so flat at the weighted mean
+    deviation = 0.15 + (abs(0.1 - 0.3) - 0.15) / 4
+    mean = (7 / 8 * 0.3 + 0.1) / (7 / 8 + 1)
+    assert falling.estimate(100) == pytest.approx(mean + 4 * deviation)
+
+
+def test_timing_waits_a_step_and_a_verification_and_a_step_more_beside_the_base():
+    """Putting a verification off adds a step and the verification, and one step more where
+    it runs beside the base's steps; an unmeasured verification counts as two steps."""
     timing = Timing()
-    assert timing.estimate("step") is None
-    timing.observe("step", 0.1)
-    assert timing.estimate("step") == pytest.approx(0.1 + 4 * 0.05)
-    timing.observe("step", 0.2)
-    mean, deviation = 0.1 + 0.1 / 8, 0.05 + (0.1 - 0.05) / 4
-    step = mean + 4 * deviation
-    assert timing.estimate("step") == pytest.approx(step)
-    assert timing.wait_added(beside=False) == pytest.approx(3 * step)  # unmeasured verify: 2 steps
-    timing.observe("verify", 0.3)
-    assert timing.wait_added(beside=False) == pytest.approx(step + 0.3 + 4 * 0.15)
-    assert timing.wait_added(beside=True) == pytest.approx(2 * step + 0.3 + 4 * 0.15)
+    assert timing.wait_added(rows=1, tokens=5, beside=False) == 0.0
+    timing.observe_step(1, 0.1)
+    step = 0.1 + 4 * 0.05
+    assert timing.wait_added(rows=1, tokens=5, beside=False) == pytest.approx(3 * step)
+    timing.observe_verification(5, 0.3)
+    verify = 0.3 + 4 * 0.15
+    assert timing.wait_added(rows=1, tokens=5, beside=False) == pytest.approx(step + verify)
+    assert timing.wait_added(rows=1, tokens=5, beside=True) == pytest.approx(2 * step + verify)
 
 
 def test_verifications_overlap_the_base_only_where_the_forwards_can_run_side_by_side():
