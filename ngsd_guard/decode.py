@@ -123,9 +123,9 @@ class LinearCost:
 
 
 class Timing:
-    """How long a base step (by the batch's rows) and an expert verification (by the tokens
-    it feeds) take, each a :class:`LinearCost`: a 64-token window costs several times a
-    4-token one. A model's calls share one (``GuardedLM`` holds it): the times belong to the
+    """How long one more step (the base's forward and the loop's own work, by the batch's
+    rows) and an expert verification (by the tokens it feeds) take, each a
+    :class:`LinearCost`: a 64-token window costs several times a 4-token one. A model's calls share one (``GuardedLM`` holds it): the times belong to the
     hardware and the models, and a stream that started from a guess would verify early and
     often until the guess had decayed."""
 
@@ -199,6 +199,7 @@ class Decoder:
         self._closed = False
         self._rows: list[Row] = []
         self._running: _Running | None = None
+        self._put_off_at: float | None = None  # when the last due check found none due
         self._base_side: ModelSide | None = None
         self._expert_side: ModelSide | None = None
         self._state: GateState = {}
@@ -242,7 +243,7 @@ class Decoder:
                 running = self._running
                 if running is not None and (running.future.done() or self._stalled()):
                     result, seconds = running.future.result()
-                    self._running = None
+                    self._running, self._put_off_at = None, None
                     self._timing.observe_verification(running.job.fed_tokens, seconds)
                     yield from self._settle(running.job, result)
                 if self._running is None:
@@ -287,6 +288,7 @@ class Decoder:
 
     def _admit(self, specs: Sequence[RowSpec]) -> None:
         """Prefill the new rows on both models, read their alpha, and append them."""
+        self._put_off_at = None
         admitted = time.perf_counter()
         count = len(specs)
         pad_id = self.eos_ids[0]
@@ -507,8 +509,13 @@ class Decoder:
             )
 
     def _next_verification(self) -> Verification | None:
-        """The drafts to verify now, or None when no row is due."""
+        """The drafts to verify now, or None when no row is due. The time from a check that
+        found none due to the next check is what putting a verification off costs (a step,
+        a draft and the loop's own work): it is the step :class:`Timing` estimates."""
         now = time.perf_counter()
+        if self._put_off_at is not None:
+            self._timing.observe_step(len(self._rows), now - self._put_off_at)
+        self._put_off_at = None
         delay = self.config.max_stream_delay
         drafting = [row for row in self._rows if not row.finished and row.pending]
         wait_added = self._timing.wait_added(
@@ -524,6 +531,7 @@ class Decoder:
             if len(row.pending) >= row.window or row.blocked(self.eos) or late or free:
                 width = max(width, len(row.pending))
         if not width:
+            self._put_off_at = now
             return None
         return Verification.of(self._rows, width, self.eos_ids[0], self.trunk is not None)
 
@@ -609,11 +617,9 @@ class Decoder:
             for row, feed in zip(self._rows, feeding, strict=True)
         ]
         tokens = torch.tensor(newest, dtype=torch.long).unsqueeze(-1)
-        started = time.perf_counter()
         fed = self._base_side.feed(
             tokens, torch.tensor(feeding, dtype=torch.long), hidden_at=self.trunk_at
         )
-        self._timing.observe_step(len(self._rows), time.perf_counter() - started)
         logits = fed.logits[:, -1]
         hidden = fed.hidden[:, -1] if fed.hidden is not None else None
         for r, row in enumerate(self._rows):
