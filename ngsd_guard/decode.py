@@ -79,8 +79,8 @@ def overlaps(base: Runner, expert: Expert | None) -> bool:
     beside a verification that cuts its drafts is thrown away, and even where none can cut
     (a row at alpha 0) the two side by side are slower than one after the other: the
     ``ngsd-guard bench`` prompts streamed at ``max_stream_delay`` 0.3 s took 2.1–2.2 times the
-    base alone's time per token with a quiet row's verifications beside the steps, 1.6 with
-    them between."""
+    base alone's time per token with quiet rows' verifications beside the steps, 1.55 with
+    them between (both with the per-call step and verification estimates then in use)."""
     if expert is None:
         return False
     return base.handle.device.type != "cpu" or expert.runner.handle.device != base.handle.device
@@ -125,9 +125,10 @@ class LinearCost:
 class Timing:
     """How long one more step (the base's forward and the loop's own work, by the batch's
     rows) and an expert verification (by the tokens it feeds) take, each a
-    :class:`LinearCost`: a 64-token window costs several times a 4-token one. A model's calls share one (``GuardedLM`` holds it): the times belong to the
-    hardware and the models, and a stream that started from a guess would verify early and
-    often until the guess had decayed."""
+    :class:`LinearCost`: a 64-token window costs several times a 4-token one. A model's
+    calls share one (``GuardedLM`` holds it): the times belong to the hardware and the
+    models, and a stream that started from a guess would verify early and often until the
+    guess had decayed."""
 
     def __init__(self) -> None:
         self._step, self._verify = LinearCost(), LinearCost()
