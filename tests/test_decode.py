@@ -567,6 +567,33 @@ def test_timing_waits_a_step_and_a_verification_and_a_step_more_beside_the_base(
     assert timing.wait_added(rows=1, tokens=5, beside=True) == pytest.approx(2 * step + verify)
 
 
+def test_a_models_calls_and_its_copies_share_one_timing(
+    tiny_base, tiny_expert, tokenizer, monkeypatch
+):
+    """Every call of a GuardedLM, and of the copies ``with_options`` makes, records its steps
+    and verifications into one Timing: a stream never starts from a guess once the model has
+    decoded."""
+    seen = []
+    observe = Timing.observe_verification
+
+    def spy(self, tokens, seconds):
+        seen.append(self)
+        observe(self, tokens, seconds)
+
+    monkeypatch.setattr(Timing, "observe_verification", spy)
+    lm = guarded(tiny_base, tokenizer, tiny_expert, window=2)
+    copy = lm.with_options(config=lm.config.model_copy())
+    other = guarded(tiny_base, tokenizer, tiny_expert, window=2)
+    timings = []
+    for model in (lm, copy, other):
+        seen.clear()
+        list(model.stream(PROMPTS[0], max_new_tokens=8, alpha=0.5))
+        assert seen, "no verification was timed"
+        timings.append({id(t) for t in seen})
+    assert timings[0] == timings[1] and len(timings[0]) == 1
+    assert timings[2].isdisjoint(timings[0])
+
+
 def test_verifications_overlap_the_base_only_where_the_forwards_can_run_side_by_side():
     """Both models on one CPU share its cores: their forwards run one after the other. On a
     GPU, or with the expert on a device of its own, any small verification runs beside the
