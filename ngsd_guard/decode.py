@@ -229,6 +229,7 @@ class Decoder:
     def records(self) -> Generator[StepRecord, None, dict[int, RowResult]]:
         """Yield one StepRecord per kept token, row by row as rows are verified; return each
         row's result by row index."""
+        # only where the two forwards can run side by side (:func:`overlaps`)
         worker = ThreadPoolExecutor(1, "ngsd-verify") if self.side_by_side else None
         try:
             while True:
@@ -256,7 +257,8 @@ class Decoder:
                     yield from self._keep_drafts()
                 elif self._running is None:
                     job = self._next_verification()
-                    if job is not None and worker is not None and self._overlapped(job):
+                    small = job is not None and 0 < job.fed_tokens <= OVERLAP_MAX_TOKENS
+                    if job is not None and worker is not None and small:  # beside the steps
                         self._running = _Running(job, worker.submit(self._verify, job))
                     elif job is not None:  # free (scored by the prefill), too large, or on
                         result, seconds = self._verify(job)  # a CPU both models share
@@ -268,10 +270,6 @@ class Decoder:
             if worker is not None:
                 worker.shutdown(wait=True)
         return self.results
-
-    def _overlapped(self, job: Verification) -> bool:
-        """Whether ``job`` runs beside the base's steps (see :func:`overlaps`)."""
-        return self.side_by_side and 0 < job.fed_tokens <= OVERLAP_MAX_TOKENS
 
     def _stalled(self) -> bool:
         """True when no row can draft or be stepped before the running verification ends."""
@@ -519,10 +517,14 @@ class Decoder:
         self._put_off_at = None
         delay = self.config.max_stream_delay
         drafting = [row for row in self._rows if not row.finished and row.pending]
-        wait_added = self._timing.wait_added(
-            rows=len(self._rows),
-            tokens=sum(len(row.pending) + 1 for row in drafting),
-            beside=self.side_by_side,
+        wait_added = (
+            self._timing.wait_added(
+                rows=len(self._rows),
+                tokens=sum(len(row.pending) + 1 for row in drafting),
+                beside=self.side_by_side,
+            )
+            if delay is not None
+            else 0.0
         )
         width = 0
         for row in drafting:
