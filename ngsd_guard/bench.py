@@ -19,8 +19,8 @@ when it is high, since every spike may then replace a token and cut a window).
   ``generate_batch``): ``throughput_ratio = guarded tokens/s / base tokens/s``, and the peak
   memory of decoding that batch, measured as at each length: ``memory_ratio``;
 * **the reference NGSD decoding style** (both models over the whole prefix at every step,
-  batch 1, no cache, as the paper's code does) at 256 tokens, both at the alpha the policy
-  reads for the prompt: ``speedup`` of the engine;
+  batch 1, no cache, as the paper's code does) at 256 tokens of the long prompt, both at the
+  alpha the policy reads for the prompt, alternating: ``speedup`` of the engine;
 * **an agent's prompt** (a system prompt and tool schemas, about 600 tokens): time to the
   first streamed token, guarded and base alone, with the prompt-header cache and without it
   (``prefix_cache_tokens=0``): ``ttft_ratio`` and ``uncached_ttft_ratio``;
@@ -379,23 +379,31 @@ def reference_generate(lm: GuardedLM, prompt: str, max_new_tokens: int, alpha: f
 def measure_reference(lm: GuardedLM, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per token of the reference decoding style against the engine, both at the
     alpha the model's policy reads for the prompt (``config.intervention.alpha`` without a
-    policy), fixed, so that both decode the same tokens."""
-    prompt, count = BENCH_PROMPTS[0], args.reference_tokens
+    policy), fixed, so that both decode the same tokens (``same_tokens``). The prompt is
+    :data:`LONG_PROMPT`, whose answer runs to the full ``--reference-tokens`` (a short one ends
+    early, and the reference's cost per token grows with the prefix); the two sides alternate
+    ``--repeats`` times, and the medians are compared."""
+    prompt, count = LONG_PROMPT, args.reference_tokens
     alpha = lm.generate(prompt, max_new_tokens=1).summary.alpha
-    _sync(lm.device)
-    started = time.perf_counter()
-    reference = reference_generate(lm, prompt, count, alpha)
-    _sync(lm.device)
-    middle = time.perf_counter()
-    guarded = lm.generate(prompt, max_new_tokens=count, alpha=alpha)
-    _sync(lm.device)
-    reference_rate = (middle - started) / len(reference)
-    guarded_rate = (time.perf_counter() - middle) / guarded.summary.tokens
+    reference_times, guarded_times = [], []
+    for _ in range(max(1, args.repeats)):
+        _sync(lm.device)
+        started = time.perf_counter()
+        reference = reference_generate(lm, prompt, count, alpha)
+        _sync(lm.device)
+        middle = time.perf_counter()
+        guarded = lm.generate(prompt, max_new_tokens=count, alpha=alpha)
+        _sync(lm.device)
+        reference_times.append((middle - started) / len(reference))
+        guarded_times.append((time.perf_counter() - middle) / guarded.summary.tokens)
+    reference_rate = statistics.median(reference_times)
+    guarded_rate = statistics.median(guarded_times)
     return {
         "max_new_tokens": count,
         "alpha": alpha,
         "reference_tokens": len(reference),
         "guarded_tokens": guarded.summary.tokens,
+        "same_tokens": reference == guarded.token_ids,
         "reference_s_per_token": reference_rate,
         "guarded_s_per_token": guarded_rate,
         "speedup": reference_rate / guarded_rate,

@@ -52,6 +52,7 @@ def test_bench_reports_every_ratio_against_the_base(tokenizer, tmp_path, capsys,
     assert agent["ttft_ratio"] > 0 and agent["uncached_ttft_ratio"] > 0
     reference = report["reference"]
     assert reference["reference_tokens"] == reference["guarded_tokens"] > 0
+    assert reference["same_tokens"] is True
     assert reference["speedup"] > 0
     assert [d["max_stream_delay"] for d in report["delays"]] == [None, 0.05]
     # each figure is logged as it is measured, so a run cut short still tells what it had
