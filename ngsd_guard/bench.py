@@ -50,9 +50,10 @@ import torch
 from .alpha import FixedAlpha
 from .divergence import DIVERGENCES
 from .gate import make_gate
-from .guarded import _SHIPPED_EXPERT, GuardedLM
+from .guarded import GuardedLM
 from .intervention import intervene
 from .loading import default_model_dir, load_model, resolve, resolve_device
+from .reflection import SHIPPED_EXPERT
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ def _untrained_adapter(base: Path, directory: Path) -> Path:
 
 
 def _adapter_for(base: Path, workdir: Path) -> tuple[Path, str]:
-    if base == default_model_dir() and (_SHIPPED_EXPERT / "adapter_config.json").is_file():
-        return _SHIPPED_EXPERT, "shipped"
+    if base == default_model_dir() and (SHIPPED_EXPERT / "adapter_config.json").is_file():
+        return SHIPPED_EXPERT, "shipped"
     return _untrained_adapter(base, workdir / "untrained-lora"), "untrained"
 
 
@@ -421,7 +422,7 @@ def measure_delays(lm: GuardedLM, args: argparse.Namespace) -> list[dict[str, An
     return curve
 
 
-def _peak_mb(
+def peak_memory_mb(
     side: str,
     kind: str,
     base: Path,
@@ -430,8 +431,10 @@ def _peak_mb(
     args: argparse.Namespace,
     batch: int = 0,
 ) -> float:
-    """Peak memory of one side decoding the prompts of one length (or the first ``batch``
-    batch prompts, as one batch), weights included."""
+    """Peak memory in MB of one ``side`` (``"base"`` or ``"guarded"``) decoding the prompts of
+    one length (or the first ``batch`` batch prompts, as one batch), weights included: on CUDA
+    the peak allocated bytes, on CPU the peak resident set of a fresh process, reset after
+    loading and a warm-up."""
     device = resolve_device(args.device)
     if device.type == "cuda":
         lm = _load(kind, base, adapter if side == "guarded" else None, args)
@@ -460,8 +463,8 @@ def _batch_memory(
 ) -> dict[str, float]:
     """Peak memory of each side decoding the batch, as at each length."""
     size, tokens = args.batch_size, args.batch_tokens
-    base_mb = _peak_mb("base", kind, base, adapter, tokens, args, batch=size)
-    guarded_mb = _peak_mb("guarded", kind, base, adapter, tokens, args, batch=size)
+    base_mb = peak_memory_mb("base", kind, base, adapter, tokens, args, batch=size)
+    guarded_mb = peak_memory_mb("guarded", kind, base, adapter, tokens, args, batch=size)
     return {
         "base_peak_mb": base_mb,
         "guarded_peak_mb": guarded_mb,
@@ -527,8 +530,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             run["lengths"] = []
             for length in lengths:
                 entry = measure_length(lm, length, args)
-                entry["base_peak_mb"] = _peak_mb("base", kind, base, adapter, length, args)
-                entry["guarded_peak_mb"] = _peak_mb("guarded", kind, base, adapter, length, args)
+                entry["base_peak_mb"] = peak_memory_mb("base", kind, base, adapter, length, args)
+                entry["guarded_peak_mb"] = peak_memory_mb(
+                    "guarded", kind, base, adapter, length, args
+                )
                 entry["memory_ratio"] = entry["guarded_peak_mb"] / entry["base_peak_mb"]
                 run["lengths"].append(entry)
                 logger.info("%s, %d new tokens: %s", kind, length, entry)

@@ -49,6 +49,7 @@ from .loading import (
 )
 from .prefixes import PrefixCache
 from .records import GateEvent, Generation, StepRecord, Summary
+from .reflection import SHIPPED_EXPERT
 from .rows import RowResult, RowSpec
 from .sides import prefill, prompt_features
 from .stopping import RefusalStop
@@ -74,9 +75,6 @@ class GenerateOptions(TypedDict, total=False):
     early_stop_after: int | None
     constraint: TokenConstraint | None
     listeners: Sequence[GateListener]
-
-
-_SHIPPED_EXPERT = Path(__file__).parent / "data" / "experts" / "smollm2-135m-instruct"
 
 
 class GuardedLM:
@@ -265,8 +263,8 @@ class GuardedLM:
         (a LoRA adapter in the package data) or, with ``expert="prompted"`` or when no adapter
         ships, the base under a safety system prompt."""
         adapter = None
-        if expert == "default" and (_SHIPPED_EXPERT / "adapter_config.json").is_file():
-            adapter = _SHIPPED_EXPERT
+        if expert == "default" and (SHIPPED_EXPERT / "adapter_config.json").is_file():
+            adapter = SHIPPED_EXPERT
         lm = cls.from_pretrained(
             default_model_dir(),
             adapter=adapter,
