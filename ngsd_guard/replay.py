@@ -40,9 +40,10 @@ CHUNK_POSITIONS = 8
 
 class WindowLogits(Protocol):
     """One model's (B, T, V) next-token logits over a window, formed a few positions at a time
-    (:class:`ngsd_guard.verify.DraftLogits`, :class:`ngsd_guard.verify.ExpertLogits`)."""
+    (:class:`ngsd_guard.verify.DraftLogits`, :class:`ngsd_guard.verify.ExpertLogits`). The
+    replay takes each (row, position) once, so an implementation may release what it took."""
 
-    def at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def take(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(n, V) fp32 logits at the (n,) ``rows`` and ``positions``."""
         ...
 
@@ -117,7 +118,7 @@ def replay(
         block = slice(begin, min(begin + span, width))
         pairs = valid[:, block].nonzero(as_tuple=True)  # (n,) each: rows, block positions
         where = (pairs[0], pairs[1] + begin)
-        base_logits, expert_logits = base.at(*where), expert.at(*where)  # (n, V) each
+        base_logits, expert_logits = base.take(*where), expert.take(*where)  # (n, V) each
         d[where], expert_p[where], expert_token[where] = _stats(
             base_logits, expert_logits, divergence, device
         )

@@ -6,7 +6,8 @@ row's last kept token, unless the expert's prefill already scored the first draf
 but the last verified draft). The expert forward and the replay may then run on a worker
 thread while the base keeps drafting; both models' logits over the window are formed a few
 positions at a time (:class:`DraftLogits`, :class:`ExpertLogits`), never as (B, M, V)
-tensors; :class:`WindowTable` turns the replay's result into records on the loop's thread.
+tensors, and the drafts' logits are released as they are stacked; :class:`WindowTable`
+turns the replay's result into records on the loop's thread.
 """
 
 from __future__ import annotations
@@ -24,14 +25,21 @@ from .rows import Row
 @dataclass(frozen=True)
 class DraftLogits:
     """The base's logits at each verified draft, (V,) per row and position (masked where a
-    constraint applies), stacked a few positions at a time."""
+    constraint applies), stacked a few positions at a time and released once stacked, so
+    that a window's drafts and their stacked copy are not held twice."""
 
-    logits: list[list[torch.Tensor]]  # [r][j] for j < m_r
+    logits: list[list[torch.Tensor | None]]  # [r][j] for j < m_r; None once taken
 
-    def at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(n, V) fp32 logits at the (n,) ``rows`` and ``positions``."""
-        pairs = zip(rows.tolist(), positions.tolist(), strict=True)
-        return torch.stack([self.logits[r][j] for r, j in pairs])
+    def take(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, V) fp32 logits at the (n,) ``rows`` and ``positions``, each taken once."""
+        pairs = list(zip(rows.tolist(), positions.tolist(), strict=True))
+        taken = [self.logits[r][j] for r, j in pairs]
+        if any(t is None for t in taken):
+            raise RuntimeError("a draft's logits were already taken by this verification")
+        stacked = torch.stack(taken)  # type: ignore[arg-type]
+        for r, j in pairs:
+            self.logits[r][j] = None
+        return stacked
 
 
 @dataclass(frozen=True)
@@ -45,21 +53,25 @@ class ExpertLogits:
     first: list[torch.Tensor | None]  # (V,) the expert's prefill logits, per row
     allowed: list[list[torch.Tensor | None]] | None  # [r][j] (V,) bool; None: unconstrained
 
-    def at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def take(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(n, V) fp32 logits at the (n,) ``rows`` and ``positions``."""
         pairs = list(zip(rows.tolist(), positions.tolist(), strict=True))
         shift = [int(self.first[r] is not None) for r, _ in pairs]
         fed = [i for i, ((_, j), s) in enumerate(zip(pairs, shift, strict=True)) if j >= s]
-        formed: list[torch.Tensor | None] = [self.first[r] for r, _ in pairs]
+        logits = None
         if fed:
             assert self.outputs is not None
             logits = self.outputs.logits(
                 torch.tensor([pairs[i][0] for i in fed]),
                 torch.tensor([pairs[i][1] - shift[i] for i in fed]),
             )
+        if logits is not None and len(fed) == len(pairs):
+            stacked = logits  # every pair was fed: the output layer's result, not a copy
+        else:
+            formed: list[torch.Tensor | None] = [self.first[r] for r, _ in pairs]
             for k, i in enumerate(fed):
-                formed[i] = logits[k]
-        stacked = torch.stack(formed)  # type: ignore[arg-type]
+                formed[i] = logits[k]  # type: ignore[index]
+            stacked = torch.stack(formed)  # type: ignore[arg-type]
         if self.allowed is not None:
             for i, (r, j) in enumerate(pairs):
                 mask = self.allowed[r][j]

@@ -13,6 +13,7 @@ from ngsd_guard.gate import make_gate
 from ngsd_guard.intervention import intervene
 from ngsd_guard.replay import replay
 from ngsd_guard.sampling import SamplingParams, choose
+from ngsd_guard.verify import DraftLogits
 
 
 class Dense:
@@ -21,7 +22,7 @@ class Dense:
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits
 
-    def at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def take(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.logits[rows, positions]
 
 
@@ -68,3 +69,15 @@ def test_spikes_are_chosen_block_by_block_as_all_at_once(monkeypatch):
     mixed = intervene(p_b[None], p_e[None], torch.tensor([0.7]), 8)
     want = choose(mixed, torch.zeros(1), SamplingParams.of(decodings[:1]))
     assert int(one.chosen[r, j]) == int(want)
+
+
+def test_draft_logits_are_released_as_they_are_taken():
+    """A window's drafts and their stacked copy are not held twice: taking a pair stacks its
+    logits and drops the draft's own tensor, and a pair cannot be taken twice."""
+    logits = [[torch.full((5,), float(10 * r + j)) for j in range(3)] for r in range(2)]
+    draft = DraftLogits(logits)
+    taken = draft.take(torch.tensor([1, 0]), torch.tensor([2, 0]))
+    assert taken[:, 0].tolist() == [12.0, 0.0]
+    assert logits[1][2] is None and logits[0][0] is None and logits[0][1] is not None
+    with pytest.raises(RuntimeError, match="already taken"):
+        draft.take(torch.tensor([0]), torch.tensor([0]))
