@@ -69,6 +69,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=GuardConfig.model_fields["prefix_cache_tokens"].default,
         help="tokens of shared prompt headers kept per model between calls (0: none)",
     )
+    gate.add_argument(
+        "--expert-cache-dtype",
+        default=GuardConfig.model_fields["expert_cache_dtype"].default,
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="dtype of the expert's KV cache (auto: float16 for a float32 expert)",
+    )
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--max-new-tokens", type=int, default=128)
     decoding.add_argument("--temperature", type=float, default=0.0)
@@ -102,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
         quiet_window=args.quiet_window,
         max_stream_delay=args.max_stream_delay,
         prefix_cache_tokens=args.prefix_cache_tokens,
+        expert_cache_dtype=args.expert_cache_dtype,
     )
 
 

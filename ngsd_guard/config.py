@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 
 DivergenceName = Literal["tv", "kl", "jsd", "cosine"]
+CacheDtype = Literal["auto", "float32", "float16", "bfloat16"]
 GateKind = Literal["lif", "ema", "adam"]
 
 
@@ -111,4 +112,9 @@ class GuardConfig(_Frozen):
         ge=0,
         description="tokens of shared prompt headers (system prompts, tool schemas) kept per "
         "model between calls; 0 prefills every prompt whole",
+    )
+    expert_cache_dtype: CacheDtype = Field(
+        "auto",
+        description="dtype the expert's KV cache stores its states in: auto halves a float32 "
+        "expert's (float16), else keeps the dtype it computes in",
     )

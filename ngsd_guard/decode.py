@@ -54,7 +54,7 @@ from .records import StepRecord
 from .replay import WindowResult, replay
 from .rows import Draft, Row, RowResult, RowSpec
 from .sampling import SamplingParams, choose, uniforms
-from .sides import ModelSide, Prefill, prefill, prompt_features, split, upper
+from .sides import ModelSide, Prefill, kv_dtype, prefill, prompt_features, split, upper
 from .verify import Verification, WindowTable
 
 Assess = Callable[[Sequence[str], torch.Tensor], Sequence[Assessment]]
@@ -191,6 +191,11 @@ class Decoder:
         self.side_by_side = overlaps(base, expert)
         self.trunk = expert.trunk if expert is not None else None
         self.trunk_at = self.trunk.first_layer if self.trunk is not None else 0
+        self.expert_kv = (
+            kv_dtype(config.expert_cache_dtype, expert.runner.handle.dtype)
+            if expert is not None
+            else None
+        )
         self.results: dict[int, RowResult] = {}
         self._timing = timing or Timing()
         self._lock = threading.Lock()
@@ -309,7 +314,7 @@ class Decoder:
                 hidden_at=self.trunk_at,
             )
             expert_runner = self.trunk if self.trunk is not None else self.expert.runner
-            base_pre, expert_pre = split(both, count, (self.base, expert_runner))
+            base_pre, expert_pre = split(both, count, (self.base, expert_runner), self.expert_kv)
         else:
             base_pre = prefill(
                 self.base,
@@ -323,7 +328,11 @@ class Decoder:
             if self.expert is not None:
                 expert_prompts = [s.expert_ids for s in specs]
                 expert_pre = prefill(
-                    self.expert.runner, expert_prompts, pad_id, headers=expert_headers
+                    self.expert.runner,
+                    expert_prompts,
+                    pad_id,
+                    headers=expert_headers,
+                    kv_dtype=self.expert_kv,
                 )
                 if self.trunk is not None:
                     expert_pre = upper(expert_pre, self.trunk)

@@ -55,6 +55,7 @@ class ModelHandle:
         self.model = model
         self.lock = threading.Lock()
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.inner = model.get_base_model() if is_peft(model) else model
         parameters = inspect.signature(self.inner.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"

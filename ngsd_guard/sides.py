@@ -9,7 +9,9 @@ slots that no crop can reach grow past a threshold, every row's live slots are g
 fresh, left-padded cache. Rows can be removed (finished) or appended (a request that joins).
 
 The position of a token is its index among its row's live tokens, so a compacted or merged
-cache gives the same logits.
+cache gives the same logits. A side's cache may store its states in a narrower dtype than its
+model computes in (``kv_dtype``: the expert's, by default, at float16 when it computes in
+float32): every query then attends to the stored states, however the tokens were fed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class GrowingLayer(DynamicLayer):
     once into a buffer with ``max(ROOM_MIN_SLOTS / rows, length / 16)`` more slots. Only
     buffers made here are written in place: keys set from outside (a crop's prefix excepted)
     are copied into a new buffer on the next update, so a shared header's states are never
-    written.
+    written. The buffers keep the dtype of the states the layer was made with; an update
+    rounds the new states to it and returns the whole prefix in the dtype they came in.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -65,7 +68,7 @@ class GrowingLayer(DynamicLayer):
         keys[:, :, length : length + count] = key_states
         values[:, :, length : length + count] = value_states
         self.keys, self.values = keys[:, :, : length + count], values[:, :, : length + count]
-        return self.keys, self.values
+        return self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
 
     def _fits(self, length: int) -> bool:
         """True when keys and values are prefixes of this layer's buffers, ``length`` slots
@@ -91,16 +94,34 @@ class GrowingLayer(DynamicLayer):
         self._room = (rooms[0], rooms[1])
 
 
-def growing(cache: DynamicCache) -> DynamicCache:
-    """``cache`` with its plain dynamic layers made :class:`GrowingLayer` (the same states;
-    sliding-window and other layers stay as they are)."""
+def growing(cache: DynamicCache, dtype: torch.dtype | None = None) -> DynamicCache:
+    """``cache`` with its plain dynamic layers made :class:`GrowingLayer`, their states stored
+    in ``dtype`` (None: as they are); sliding-window and other layers stay as they are."""
     cache.layers = [
-        GrowingLayer(layer.keys, layer.values)
+        GrowingLayer(_stored(layer.keys, dtype), _stored(layer.values, dtype))
         if type(layer) is DynamicLayer and layer.is_initialized
         else layer
         for layer in cache.layers
     ]
     return cache
+
+
+def _stored(states: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return states if dtype is None else states.to(dtype)
+
+
+def kv_dtype(setting: str, compute: torch.dtype) -> torch.dtype | None:
+    """The dtype a cache stores the states of a model computing in ``compute``, when it
+    differs (None: as computed). ``auto`` halves float32 (float16, whose 11-bit mantissa keeps
+    a relative error of 2^-11), and keeps any other dtype.
+
+    >>> kv_dtype("auto", torch.float32), kv_dtype("auto", torch.bfloat16)
+    (torch.float16, None)
+    """
+    wanted = torch.float16 if setting == "auto" and compute == torch.float32 else None
+    if setting != "auto":
+        wanted = getattr(torch, setting)
+    return wanted if wanted != compute else None
 
 
 @dataclass(frozen=True)
@@ -115,7 +136,8 @@ class Prefill:
 
 
 class ModelSide:
-    """A batch of rows in one model: KV cache, (B, S) live-slot mask and (B,) next positions."""
+    """A batch of rows in one model: KV cache, (B, S) live-slot mask and (B,) next positions.
+    ``kv_dtype``: the dtype the cache stores its states in (None: the model's)."""
 
     def __init__(
         self,
@@ -123,9 +145,10 @@ class ModelSide:
         cache: DynamicCache,
         mask: torch.Tensor,
         next_position: torch.Tensor,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.runner = runner
-        self.cache = growing(cache)
+        self.cache = growing(cache, kv_dtype)
         self.mask = mask
         self.next_position = next_position
 
@@ -210,10 +233,16 @@ class ModelSide:
         self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat(
-                [_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)]
+                [
+                    _left_pad(mine.keys, width, 2),
+                    _left_pad(theirs.keys.to(mine.keys.dtype), width, 2),
+                ]
             )
             mine.values = torch.cat(
-                [_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)]
+                [
+                    _left_pad(mine.values, width, 2),
+                    _left_pad(theirs.values.to(mine.values.dtype), width, 2),
+                ]
             )
         self.next_position = torch.cat([self.next_position, other.next_position])
 
@@ -246,8 +275,10 @@ def prefill(
     spans: Sequence[tuple[int, int]] | None = None,
     adapter_names: Sequence[str] | None = None,
     hidden_at: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> Prefill:
-    """Feed prompts to a fresh cache: the side, the next-token logits (B, V) and, if
+    """Feed prompts to a fresh cache: the side (its cache stored in ``kv_dtype`` once the
+    prompts are fed), the next-token logits (B, V) and, if
     ``features`` are asked, the (B, F) prompt features pooled from this forward, with
     ``spans`` each prompt's [start, end) token positions of its last user message; with
     ``hidden_at``, the states entering that layer at each prompt's last token.
@@ -290,7 +321,7 @@ def prefill(
         adapter_names=adapter_names,
         hidden_at=hidden_at,
     )
-    side = ModelSide(runner, cache, mask, positions[:, -1] + 1)
+    side = ModelSide(runner, cache, mask, positions[:, -1] + 1, kv_dtype)
     hidden = out.hidden[:, -1].clone() if out.hidden is not None else None  # not a view
     return Prefill(side, out.logits[:, -1], out.features, hidden)
 
@@ -320,29 +351,36 @@ def _cache_of(states: Sequence[tuple[torch.Tensor, ...]]) -> DynamicCache:
 
 
 def split(
-    prefilled: Prefill, rows: int, runners: tuple[Runner, Runner | Trunk]
+    prefilled: Prefill,
+    rows: int,
+    runners: tuple[Runner, Runner | Trunk],
+    kv_dtype: torch.dtype | None = None,
 ) -> tuple[Prefill, Prefill]:
     """Two prefills from one whose first ``rows`` rows belong to the first runner and the rest
     to the second (a base and its LoRA expert prefilled in one forward; for the expert's
-    :class:`Trunk`, only the cache of its layers). The first half's cache is a view (its next
-    step replaces it); the second's a copy, since its next forward may come a window later,
-    and a view would hold the whole prefill until then."""
+    :class:`Trunk`, only the cache of its layers), the second's cache stored in ``kv_dtype``.
+    The first half's cache is a view (its next step replaces it); the second's a copy, since
+    its next forward may come a window later, and a view would hold the whole prefill until
+    then."""
     side = prefilled.side
     halves = []
     for runner, index in zip(runners, (slice(0, rows), slice(rows, side.rows)), strict=True):
         copy = index.start > 0
+        dtype = kv_dtype if copy else None
         part = ModelSide(
             runner,
             _cache_of(
                 [
                     tuple(
-                        t[index].clone() if copy else t[index] for t in (layer.keys, layer.values)
+                        t[index].clone() if copy and dtype in (None, t.dtype) else t[index]
+                        for t in (layer.keys, layer.values)
                     )
                     for layer in side.cache.layers[runner.first_layer :]
                 ]
             ),
             side.mask[index].clone(),
             side.next_position[index].clone(),
+            dtype,
         )
         pooled = prefilled.features[index] if prefilled.features is not None else None
         hidden = prefilled.hidden[index] if prefilled.hidden is not None else None
