@@ -512,6 +512,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "window": lm.config.window,
                 "quiet_window": lm.config.quiet_window,
                 "max_stream_delay": lm.config.max_stream_delay,
+                "expert_cache_dtype": lm.config.expert_cache_dtype,
                 "repeats": args.repeats,
             }
             measurements: dict[str, Callable[[], Any]] = {

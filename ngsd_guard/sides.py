@@ -36,6 +36,32 @@ ROOM_MIN_SLOTS = 64
 sixteenth of its length): :class:`GrowingLayer`."""
 
 
+class Widener:
+    """The buffers into which the layers of a cache stored narrower than its model computes
+    widen their keys and values for attention, one layer after another: a layer's widened
+    states live until the next layer's update. Two buffers that grow by a sixteenth when too
+    small, instead of a fresh pair per layer per forward, whose sizes grow with the cache and
+    so leave holes in glibc's heap that the next, larger pair does not fit."""
+
+    def __init__(self) -> None:
+        self._buffers = [torch.empty(0), torch.empty(0)]
+
+    def widen(
+        self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys`` and ``values`` in ``dtype``, each a view of its buffer."""
+        return self._into(0, keys, dtype), self._into(1, values, dtype)
+
+    def _into(self, slot: int, states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        count, buffer = states.numel(), self._buffers[slot]
+        if buffer.numel() < count or buffer.dtype != dtype or buffer.device != states.device:
+            buffer = torch.empty(count + count // 16, dtype=dtype, device=states.device)
+            self._buffers[slot] = buffer
+        view = buffer[:count].view(states.shape)
+        view.copy_(states)
+        return view
+
+
 class GrowingLayer(DynamicLayer):
     """A cache layer whose keys and values are prefixes of buffers with room to grow.
 
@@ -47,13 +73,17 @@ class GrowingLayer(DynamicLayer):
     buffers made here are written in place: keys set from outside (a crop's prefix excepted)
     are copied into a new buffer on the next update, so a shared header's states are never
     written. The buffers keep the dtype of the states the layer was made with; an update
-    rounds the new states to it and returns the whole prefix in the dtype they came in.
+    rounds the new states to it and returns the whole prefix in the dtype they came in,
+    widened into ``widener``'s buffers (shared by a cache's layers).
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, widener: Widener | None = None
+    ) -> None:
         super().__init__()
         self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
+        self.widener = widener or Widener()
         self._room: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(
@@ -68,7 +98,9 @@ class GrowingLayer(DynamicLayer):
         keys[:, :, length : length + count] = key_states
         values[:, :, length : length + count] = value_states
         self.keys, self.values = keys[:, :, : length + count], values[:, :, : length + count]
-        return self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
+        if self.keys.dtype == key_states.dtype:
+            return self.keys, self.values
+        return self.widener.widen(self.keys, self.values, key_states.dtype)
 
     def _fits(self, length: int) -> bool:
         """True when keys and values are prefixes of this layer's buffers, ``length`` slots
@@ -97,8 +129,9 @@ class GrowingLayer(DynamicLayer):
 def growing(cache: DynamicCache, dtype: torch.dtype | None = None) -> DynamicCache:
     """``cache`` with its plain dynamic layers made :class:`GrowingLayer`, their states stored
     in ``dtype`` (None: as they are); sliding-window and other layers stay as they are."""
+    widener = Widener()
     cache.layers = [
-        GrowingLayer(_stored(layer.keys, dtype), _stored(layer.values, dtype))
+        GrowingLayer(_stored(layer.keys, dtype), _stored(layer.values, dtype), widener)
         if type(layer) is DynamicLayer and layer.is_initialized
         else layer
         for layer in cache.layers

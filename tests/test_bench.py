@@ -39,6 +39,7 @@ def test_bench_reports_every_ratio_against_the_base(tokenizer, tmp_path, capsys,
     report = json.loads(capsys.readouterr().out)
     assert report["adapter"] == "untrained" and report["expert_kind"] == "lora"
     assert report["expert_first_layer"] == 0  # an untrained adapter on every layer
+    assert report["expert_cache_dtype"] == "auto"
     streaming = report["streaming"]
     for key in ("ttft_ratio", "max_gap_ratio", "time_ratio"):
         assert streaming[key] > 0

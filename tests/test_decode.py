@@ -200,6 +200,44 @@ def test_lora_expert_shares_weights_and_matches_reference(tiny_base, tokenizer):
     assert got.summary.mean_divergence > 0
 
 
+@pytest.mark.parametrize("setting", ["auto", "float32", "bfloat16"])
+def test_the_expert_cache_is_stored_in_its_dtype_and_windows_still_agree(
+    tiny_base, tokenizer, monkeypatch, setting
+):
+    """The expert's cache (``expert_cache_dtype``: float16 for a float32 expert by default)
+    changes no schedule's tokens: one token per verification equals windows of 8, and a
+    float16 or bfloat16 cache still decodes the float32 reference's tokens here. The base's
+    cache stays as it computes."""
+    import copy
+
+    import ngsd_guard.sides
+
+    stored = []
+    growing = ngsd_guard.sides.growing
+
+    def recording(cache, dtype=None):
+        stored.append(dtype)
+        return growing(cache, dtype)
+
+    monkeypatch.setattr(ngsd_guard.sides, "growing", recording)
+    peft_model = get_peft_model(
+        copy.deepcopy(tiny_base),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    ).eval()
+    runs = []
+    for window in (1, 8):
+        config = GuardConfig(
+            gate=GateConfig(tau=4, threshold=0.5), window=window, expert_cache_dtype=setting
+        )
+        lm = GuardedLM.from_models(peft_model, tokenizer, config=config)
+        runs.append(lm.generate(PROMPTS[0], max_new_tokens=16))
+    want = {"auto": torch.float16, "float32": None, "bfloat16": torch.bfloat16}[setting]
+    assert set(stored) == {None, want}  # the base's sides as computed, the expert's in dtype
+    tokens, spikes = reference_lora_ngsd(peft_model, lm.render(PROMPTS[0]), tokenizer)
+    for got in runs:
+        assert got.token_ids == tokens and [r.spiked for r in got.records] == spikes
+
+
 def reference_lora_ngsd(peft_model, text, tokenizer):
     """The reference NGSD of a LoRA expert (adapter on) over its base (adapter off), at the
     tests' gate (tau 4, threshold 0.5), alpha 0.9, 16 tokens."""

@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
 from ngsd_guard.experts import ModelHandle, Runner, Trunk, first_adapted_layer, without_adapters
-from ngsd_guard.sides import ROOM_MIN_SLOTS, GrowingLayer, prefill, split
+from ngsd_guard.sides import ROOM_MIN_SLOTS, GrowingLayer, kv_dtype, prefill, split
 
 
 def _runner(model) -> Runner:
@@ -144,6 +144,87 @@ def test_a_growing_layer_writes_in_place_and_never_into_states_it_was_given(tiny
         buffers.add(layer.keys.data_ptr())
     assert len(buffers) == 2  # the first update's move, then one when the room ran out
     assert torch.equal(keys, given[0]) and torch.equal(values, given[1])
+
+
+def test_a_growing_layer_stores_in_its_states_dtype_and_returns_the_callers(tiny_base):
+    """A layer made with bfloat16 states stores the new ones rounded to bfloat16 and returns
+    the whole prefix, the new states included, widened back: what the rounded store holds."""
+    generator = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(1, 3, 5, 4, generator=generator) for _ in range(2))
+    layer = GrowingLayer(keys.bfloat16(), values.bfloat16())
+    new = [torch.randn(1, 3, 2, 4, generator=generator) for _ in range(2)]
+    got_keys, got_values = layer.update(*new)
+    assert got_keys.dtype == got_values.dtype == torch.float32
+    assert layer.keys.dtype == layer.values.dtype == torch.bfloat16
+    want = torch.cat([keys, new[0]], 2).bfloat16().float()
+    assert torch.equal(got_keys, want)
+    assert not torch.equal(got_keys[:, :, -2:], new[0])  # the new states were rounded too
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_side_stored_at_half_precision_feeds_alike_at_once_and_token_by_token(tiny_base, dtype):
+    """Every query attends to the stored states, so three tokens fed in one forward give the
+    logits that feeding them one at a time gives (to fp32 rounding), and the cache holds half
+    the bytes; its logits stay close to a float32 cache's."""
+    runner = _runner(tiny_base)
+    prompts, tokens = [[5, 6, 7, 8, 9], [10, 11]], torch.tensor([[20, 21, 22], [30, 31, 32]])
+    whole = prefill(runner, prompts, pad_id=2)
+    at_once, stepwise = (prefill(runner, prompts, pad_id=2, kv_dtype=dtype).side for _ in range(2))
+    assert torch.equal(whole.logits, prefill(runner, prompts, pad_id=2, kv_dtype=dtype).logits)
+    assert all(layer.keys.dtype == dtype for layer in at_once.cache.layers)
+    together = at_once.feed(tokens).logits
+    apart = torch.cat([stepwise.feed(tokens[:, i : i + 1]).logits for i in range(3)], 1)
+    assert torch.allclose(together, apart, atol=1e-5)
+    exact = whole.side.feed(tokens).logits
+    assert torch.allclose(together, exact, atol=0.05)
+    full, half = (s.cache.layers[0].keys for s in (whole.side, at_once))
+    assert half.element_size() * 2 == full.element_size() and half.shape == full.shape
+    first, second = at_once.cache.layers[:2]
+    assert first.widener is second.widener  # one pair of float32 buffers for every layer
+
+
+def test_rows_stored_at_half_precision_leave_join_and_compact_at_it(tiny_base, monkeypatch):
+    monkeypatch.setattr("ngsd_guard.sides.COMPACT_MIN_SLOTS", 2)
+    runner = _runner(tiny_base)
+    side = prefill(runner, [[5, 6, 7], [8, 9]], pad_id=2, kv_dtype=torch.float16).side
+    side.feed(torch.tensor([[20, 21, 22], [21, 2, 2]]), torch.tensor([3, 1]))
+    side.forget(0, 3)
+    side.reclaim()
+    side.select(torch.tensor([1, 0]))
+    side.extend(prefill(runner, [[12, 13, 14, 15]], pad_id=2, kv_dtype=torch.float16).side)
+    logits = side.feed(torch.tensor([[30], [31], [32]])).logits[:, -1]
+    assert all(layer.keys.dtype == torch.float16 for layer in side.cache.layers)
+    for row, ids in enumerate(([8, 9, 21, 30], [5, 6, 7, 31], [12, 13, 14, 15, 32])):
+        assert torch.allclose(logits[row], _full(tiny_base, ids), atol=0.05)
+
+
+def test_a_joint_prefill_splits_into_a_base_as_computed_and_an_expert_stored_at_half(tiny_base):
+    runner = _runner(tiny_base)
+    both = prefill(runner, [[5, 6, 7], [5, 6, 7]], pad_id=2)
+    base, expert = split(both, 1, (runner, runner), torch.float16)
+    assert base.side.cache.layers[0].keys.dtype == torch.float32
+    assert expert.side.cache.layers[0].keys.dtype == torch.float16
+    assert torch.equal(expert.logits, both.logits[1:])  # the prefill itself is float32
+
+
+def test_the_expert_cache_dtype_setting():
+    import argparse
+
+    from ngsd_guard import GuardConfig
+    from ngsd_guard.cli import add_model_options, config_from_args
+    from ngsd_guard.errors import ConfigError
+
+    assert kv_dtype("auto", torch.float32) == torch.float16
+    assert kv_dtype("auto", torch.bfloat16) is None
+    assert kv_dtype("float32", torch.float32) is None
+    assert kv_dtype("bfloat16", torch.float32) == torch.bfloat16
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    assert config_from_args(parser.parse_args([])).expert_cache_dtype == "auto"
+    chosen = config_from_args(parser.parse_args(["--expert-cache-dtype", "float32"]))
+    assert chosen.expert_cache_dtype == "float32"
+    with pytest.raises(ConfigError, match="expert_cache_dtype"):
+        GuardConfig(expert_cache_dtype="int8")
 
 
 def _lora(model, layers):

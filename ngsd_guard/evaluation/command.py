@@ -186,6 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model": lm.model_name,
         "expert_kind": lm.expert_kind,
         "expert_first_layer": lm.expert_first_layer,
+        "expert_cache_dtype": lm.config.expert_cache_dtype,
         "alpha_policy": type(lm.alpha_policy).__name__,
         "device": str(lm.device),
         "outputs": rows,
