@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ngsd_guard import GuardConfig
 from ngsd_guard.contexts import wrap_for_eval
 from ngsd_guard.errors import ConfigError
 from ngsd_guard.evaluation import evaluate_set, format_summary, format_table, load_set
@@ -40,6 +41,7 @@ class FakeLM:
 
     model_name, expert_kind, expert_first_layer, device = "fake", "lora", 0, "cpu"
     alpha_policy = None
+    config = GuardConfig()
 
     def __init__(self):
         self.calls = []

@@ -97,14 +97,15 @@ async def test_v3_event_stream_keeps_every_gate_event() -> None:
     assert message.response_metadata["model_provider"] == "ngsd"
     assert message.response_metadata["model_name"] == "SmolLM2-135M-Instruct"
     # the same events as the v1 path, where chunks are added up (streaming verifies in other
-    # windows than invoke, so the gate's floats agree to rounding, the tokens exactly)
+    # windows than invoke, so the gate's floats agree to rounding, the tokens exactly; the
+    # expert's float16 cache can round a last-bit difference of two forwards' keys apart)
     invoked = llm.invoke(HARMFUL).additional_kwargs["ngsd_gate_events"]
     floats = ("divergence", "potential", "alpha")
     assert [{k: v for k, v in e.items() if k not in floats} for e in invoked] == [
         {k: v for k, v in e.items() if k not in floats} for e in events
     ]
     for got, want in zip(invoked, events, strict=True):
-        assert [got[k] for k in floats] == pytest.approx([want[k] for k in floats], abs=1e-5)
+        assert [got[k] for k in floats] == pytest.approx([want[k] for k in floats], abs=1e-4)
 
 
 def test_a_guard_refusal_is_a_standard_refusal_block() -> None:
