@@ -151,10 +151,11 @@ def kv_dtype(setting: str, compute: torch.dtype) -> torch.dtype | None:
     >>> kv_dtype("auto", torch.float32), kv_dtype("auto", torch.bfloat16)
     (torch.float16, None)
     """
-    wanted = torch.float16 if setting == "auto" and compute == torch.float32 else None
-    if setting != "auto":
+    if setting == "auto":
+        wanted = torch.float16 if compute == torch.float32 else compute
+    else:
         wanted = getattr(torch, setting)
-    return wanted if wanted != compute else None
+    return None if wanted == compute else wanted
 
 
 @dataclass(frozen=True)
